@@ -1,0 +1,41 @@
+//! Legacy PC devices on the port I/O bus: the 16550 UART and the i8042 controller.
+//!
+//! Both wrap vm-superio's device models; this module adds the bus glue and the eventfd triggers
+//! that connect them to KVM (an irqfd for the UART's interrupt line, an eventfd the VMM waits on for
+//! the i8042's CPU-reset command).
+
+mod i8042;
+mod serial;
+
+pub use i8042::I8042;
+pub use serial::{SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An [`EventFd`] usable as a vm-superio [`vm_superio::Trigger`].
+///
+/// For an interrupt line the eventfd is registered with KVM as an irqfd, so `trigger` injects the
+/// interrupt without a round trip through the VMM.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+
+    /// The wrapped eventfd (to register as an irqfd or to wait on).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+}
+
+impl vm_superio::Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

@@ -1,0 +1,10 @@
+//! Kiln's emulated devices.
+//!
+//! Devices are reached through a [`Bus`] (one for port I/O, one for MMIO): the vCPU loop hands every
+//! exit it cannot handle in-kernel to the bus, which finds the device that owns the address and calls
+//! it with the offset inside that device's range. Devices never see absolute guest addresses.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,169 @@
+//! Assembles a microVM, top to bottom: memory → boot images → VM → devices → vCPUs.
+
+use kvm_ioctls::Kvm;
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::boot_params::{self, ZeroPageInputs};
+use crate::arch::x86_64::layout::low_ram_end;
+use crate::arch::x86_64::mptable;
+use crate::arch::x86_64::pvh;
+use crate::arch::x86_64::regs::EntryPoint;
+use crate::config::VmConfig;
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::host_quirks::HostQuirks;
+use crate::loader::{self, LoadedKernel, LoaderError};
+use crate::machine::MicroVm;
+use crate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors in building a microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Boot tables in guest memory.
+    #[error("writing boot structures: {0}")]
+    BootParams(#[from] boot_params::BootParamsError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// PVH start info.
+    #[error("writing the PVH start info: {0}")]
+    Pvh(#[source] vm_memory::GuestMemoryError),
+    /// The console sink.
+    #[error("console {path}: {source}")]
+    Console {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+impl BuildError {
+    /// True when the error is about what the user gave (exit status 2), not about the host.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Memory(MemoryError::Layout(_)) | Self::Loader(_) | Self::Console { .. }
+        )
+    }
+}
+
+/// Picks the entry protocol: PVH when the kernel has it and the host allows it, else 64-bit Linux.
+pub fn choose_entry(kernel: &LoadedKernel, quirks: &HostQuirks) -> EntryPoint {
+    match kernel.pvh_entry {
+        Some(pvh) if quirks.allows_pvh() => EntryPoint::Pvh(pvh),
+        _ => EntryPoint::Linux64(kernel.linux64_entry),
+    }
+}
+
+/// Loads kernel, initrd and command line and writes the boot tables; returns the entry point.
+fn load_boot_images(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    quirks: &HostQuirks,
+) -> Result<EntryPoint, BuildError> {
+    let kernel = loader::load_kernel(mem, &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| loader::load_initrd(mem, path, low_ram_end(config.mem_bytes()), kernel.end))
+        .transpose()?;
+    let cmdline = loader::build_cmdline(
+        std::iter::once(config.cmdline.as_str()).chain(quirks.guest_cmdline()),
+    )?;
+    let (cmdline_addr, cmdline_len) = loader::load_cmdline(mem, &cmdline)?;
+    let entry = choose_entry(&kernel, quirks);
+    match entry {
+        EntryPoint::Linux64(_) => {
+            let params = boot_params::build_zero_page(&ZeroPageInputs {
+                setup_header: kernel.setup_header,
+                cmdline_addr,
+                cmdline_len,
+                initrd,
+                mem_size: config.mem_bytes(),
+            })?;
+            boot_params::write_zero_page(mem, &params)?;
+        }
+        EntryPoint::Pvh(_) => {
+            pvh::write_start_info(mem, cmdline_addr, initrd, config.mem_bytes())
+                .map_err(BuildError::Pvh)?;
+        }
+    }
+    mptable::write_mptable(mem, config.vcpus)?;
+    Ok(entry)
+}
+
+/// Builds a ready-to-start microVM from `config`.
+pub fn build_microvm(
+    kvm: &Kvm,
+    config: &VmConfig,
+    quirks: &HostQuirks,
+) -> Result<MicroVm, BuildError> {
+    let mem = memory::create_guest_memory(config.mem_bytes())?;
+    let entry = load_boot_images(&mem, config, quirks)?;
+
+    let vm = Vm::new(kvm)?;
+    vm.register_memory(&mem)?;
+
+    let console_out = config.console.open().map_err(|source| BuildError::Console {
+        path: format!("{:?}", config.console),
+        source,
+    })?;
+    let devices = DeviceManager::new(&vm, console_out)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(
+            &vm,
+            index,
+            devices.io_bus.clone(),
+            devices.mmio_bus.clone(),
+            mem.clone(),
+        )?;
+        let refused = vcpu.configure(kvm, config.vcpus, entry)?;
+        if index == 0 && !refused.is_empty() {
+            let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
+            eprintln!("kiln: KVM refused boot MSRs {} (left at reset values)", list.join(", "));
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(MicroVm::new(vm, mem, devices, vcpus))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(pvh: Option<u64>) -> LoadedKernel {
+        LoadedKernel {
+            linux64_entry: 0x100_0000,
+            pvh_entry: pvh,
+            end: 0x200_0000,
+            setup_header: None,
+        }
+    }
+
+    #[test]
+    fn entry_choice() {
+        let plain = HostQuirks::default();
+        let pvm = HostQuirks { nested_pvm: true };
+        assert_eq!(choose_entry(&kernel(None), &plain), EntryPoint::Linux64(0x100_0000));
+        assert_eq!(choose_entry(&kernel(Some(0x100_0400)), &plain), EntryPoint::Pvh(0x100_0400));
+        assert_eq!(choose_entry(&kernel(Some(0x100_0400)), &pvm), EntryPoint::Linux64(0x100_0000));
+    }
+}

@@ -1,0 +1,94 @@
+//! The `kiln` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ConsoleConfig;
+
+/// Kiln: a KVM microVM monitor.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Kiln's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest kernel and run it until it reboots.
+    Run(RunArgs),
+}
+
+/// `kiln run`'s flags.
+#[derive(Debug, Args, Clone, PartialEq, Eq)]
+pub struct RunArgs {
+    /// Kernel image: an uncompressed ELF vmlinux or a bzImage. Without it, Kiln boots the default
+    /// guest from guest-images/ (built on first use).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs / initrd image (uncompressed cpio boots fastest).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (default: console=ttyS0 reboot=k panic=1 pci=off nomodule).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u64,
+    /// Guest memory in MiB.
+    #[arg(long = "mem-mib", default_value_t = 128, value_name = "N")]
+    pub mem_mib: u64,
+    /// Where the serial console goes: stdout, file:PATH or none.
+    #[arg(long, default_value = "stdout", value_name = "DEST")]
+    pub console: ConsoleConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))?;
+        let Command::Run(run) = cli.command;
+        Ok(run)
+    }
+
+    #[test]
+    fn defaults() {
+        let run = parse(&["run"]).unwrap();
+        assert_eq!(run.kernel, None);
+        assert_eq!((run.vcpus, run.mem_mib), (1, 128));
+        assert_eq!(run.console, ConsoleConfig::Stdout);
+    }
+
+    #[test]
+    fn every_flag() {
+        let run = parse(&[
+            "run", "--kernel", "/k", "--initrd", "/i", "--cmdline", "a=b c", "--vcpus", "2",
+            "--mem-mib", "256", "--console", "file:/tmp/out",
+        ])
+        .unwrap();
+        assert_eq!(run.kernel, Some("/k".into()));
+        assert_eq!(run.initrd, Some("/i".into()));
+        assert_eq!(run.cmdline.as_deref(), Some("a=b c"));
+        assert_eq!((run.vcpus, run.mem_mib), (2, 256));
+        assert_eq!(run.console, ConsoleConfig::File("/tmp/out".into()));
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        for args in [
+            &["run", "--bogus"][..],
+            &["run", "--vcpus", "two"],
+            &["run", "--mem-mib", "-1"],
+            &["run", "--console", "tty"],
+            &[],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Kiln's VMM: builds a KVM microVM from a configuration and runs it.
+//!
+//! Reading order: [`config`] (what a VM is) → [`builder`] (how one is assembled) → [`machine`]
+//! (how it runs) → [`vstate`] (KVM VM and vCPUs) → [`arch`] (x86_64 boot structures).
+
+#![cfg(target_arch = "x86_64")]
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod device_manager;
+pub mod guest_images;
+pub mod host_quirks;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod vstate;

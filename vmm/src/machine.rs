@@ -1,0 +1,246 @@
+//! A built microVM and its control loop.
+//!
+//! Threads: one per vCPU (`kiln_vcpu N`), one waiting on the i8042 reset eventfd, one turning
+//! signals into events, one feeding stdin to the serial console. They all report to the control
+//! loop in [`MicroVm::run`] over one channel; the control loop alone decides when the VM ends.
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use devices::legacy::SerialConsole;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::device_manager::DeviceManager;
+use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
+use crate::vstate::vm::Vm;
+
+/// How often the watchdog samples each vCPU.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Consecutive identical running samples before a vCPU is reported stuck (one minute).
+const STUCK_SAMPLES: u32 = 12;
+/// How long to keep kicking a vCPU that has not answered a request.
+const KICK_ATTEMPTS: u32 = 50;
+const KICK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Why the microVM ended.
+#[derive(Debug)]
+pub enum ExitReason {
+    /// The guest rebooted (its way to end a microVM).
+    GuestReset,
+    /// The guest powered off.
+    GuestPowerOff,
+    /// A vCPU failed.
+    Fatal(VcpuError),
+    /// Kiln was told to stop by this signal.
+    Signal(i32),
+}
+
+/// What the control loop hears about.
+enum VmmEvent {
+    VcpuStopped(Result<Option<VcpuStop>, VcpuError>),
+    GuestReset,
+    Signal(i32),
+}
+
+struct VcpuHandle {
+    requests: Arc<VcpuRequests>,
+    thread: JoinHandle<()>,
+}
+
+/// A microVM that has been built and not yet started.
+pub struct MicroVm {
+    // Field order is drop order: vCPUs (threads) go before the VM and memory they use.
+    vcpus: Vec<Vcpu>,
+    devices: DeviceManager,
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal's only job is to make KVM_RUN return EINTR.
+}
+
+impl MicroVm {
+    /// Assembles a microVM from its built parts.
+    pub fn new(vm: Vm, mem: GuestMemoryMmap, devices: DeviceManager, vcpus: Vec<Vcpu>) -> Self {
+        Self {
+            vcpus,
+            devices,
+            _vm: vm,
+            _mem: mem,
+        }
+    }
+
+    /// The serial console (to feed input or flush output).
+    pub fn console(&self) -> Arc<Mutex<SerialConsole>> {
+        self.devices.console.clone()
+    }
+
+    /// Starts the vCPUs and runs until the guest ends, a vCPU fails or a stop signal arrives.
+    pub fn run(mut self, forward_stdin: bool) -> std::io::Result<ExitReason> {
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
+        let (tx, rx) = mpsc::channel();
+        self.spawn_reset_watcher(tx.clone())?;
+        spawn_signal_watcher(tx.clone())?;
+        if forward_stdin {
+            spawn_stdin_forwarder(self.console())?;
+        }
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            handles.push(spawn_vcpu(vcpu, tx.clone())?);
+        }
+        drop(tx);
+        let reason = control_loop(&rx, &handles);
+        stop_vcpus(&handles);
+        if let Ok(mut console) = self.devices.console.lock() {
+            console.flush();
+        }
+        Ok(reason)
+    }
+
+    fn spawn_reset_watcher(&self, tx: Sender<VmmEvent>) -> std::io::Result<()> {
+        let reset = self.devices.reset_evt.try_clone()?;
+        thread::Builder::new()
+            .name("kiln_reset".into())
+            .spawn(move || {
+                if reset.read().is_ok() {
+                    let _ = tx.send(VmmEvent::GuestReset);
+                }
+            })?;
+        Ok(())
+    }
+}
+
+fn control_loop(rx: &Receiver<VmmEvent>, handles: &[VcpuHandle]) -> ExitReason {
+    loop {
+        match rx.recv_timeout(SAMPLE_INTERVAL) {
+            Ok(VmmEvent::GuestReset) => return ExitReason::GuestReset,
+            Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Reset)))) => return ExitReason::GuestReset,
+            Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Shutdown)))) => {
+                return ExitReason::GuestPowerOff
+            }
+            Ok(VmmEvent::VcpuStopped(Err(e))) => return ExitReason::Fatal(e),
+            // A vCPU only leaves its loop unasked when told to stop, which happens below.
+            Ok(VmmEvent::VcpuStopped(Ok(None))) => {}
+            Ok(VmmEvent::Signal(SIGUSR1)) => {
+                for handle in handles {
+                    request(handle, &handle.requests.report);
+                }
+            }
+            Ok(VmmEvent::Signal(signal)) => return ExitReason::Signal(signal),
+            Err(RecvTimeoutError::Timeout) => {
+                for handle in handles {
+                    request(handle, &handle.requests.sample);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return ExitReason::Fatal(VcpuError::Fatal(crate::vstate::vcpu::FatalExit {
+                    cpu: 0,
+                    reason: "every vCPU thread ended".into(),
+                    rip: None,
+                    instruction: None,
+                }))
+            }
+        }
+    }
+}
+
+/// Sets `flag` and kicks the vCPU out of KVM_RUN until it has taken the request. A kick that lands
+/// just before the vCPU enters KVM_RUN is lost, hence the retries.
+fn request(handle: &VcpuHandle, flag: &std::sync::atomic::AtomicBool) {
+    flag.store(true, Ordering::Release);
+    for _ in 0..KICK_ATTEMPTS {
+        if !flag.load(Ordering::Acquire) || handle.thread.is_finished() {
+            return;
+        }
+        let _ = handle.thread.kill(SIGRTMIN());
+        thread::sleep(KICK_INTERVAL);
+    }
+}
+
+fn stop_vcpus(handles: &[VcpuHandle]) {
+    for handle in handles {
+        handle.requests.stop.store(true, Ordering::Release);
+    }
+    for _ in 0..KICK_ATTEMPTS {
+        let mut running = false;
+        for handle in handles.iter().filter(|h| !h.thread.is_finished()) {
+            running = true;
+            let _ = handle.thread.kill(SIGRTMIN());
+        }
+        if !running {
+            return;
+        }
+        thread::sleep(KICK_INTERVAL);
+    }
+}
+
+fn spawn_vcpu(mut vcpu: Vcpu, tx: Sender<VmmEvent>) -> std::io::Result<VcpuHandle> {
+    let requests = Arc::new(VcpuRequests::default());
+    let thread_requests = requests.clone();
+    let index = vcpu.index();
+    let thread = thread::Builder::new()
+        .name(format!("kiln_vcpu {index}"))
+        .spawn(move || {
+            let mut detector = StuckDetector::default();
+            let result = vcpu.run_until_stop(&thread_requests, |cpu, sample| {
+                if detector.observe(sample, STUCK_SAMPLES) {
+                    eprintln!(
+                        "kiln: warning: vCPU {cpu} has been running at RIP {:#x} for {} s without moving; \
+                         the guest may be wedged (send SIGUSR1 for exit counts)",
+                        sample.rip.unwrap_or(0),
+                        STUCK_SAMPLES as u64 * SAMPLE_INTERVAL.as_secs()
+                    );
+                }
+            });
+            let _ = tx.send(VmmEvent::VcpuStopped(result));
+        })?;
+    Ok(VcpuHandle { requests, thread })
+}
+
+fn spawn_signal_watcher(tx: Sender<VmmEvent>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGUSR1, SIGINT, SIGTERM, SIGHUP])?;
+    thread::Builder::new()
+        .name("kiln_signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if tx.send(VmmEvent::Signal(signal)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Copies Kiln's stdin into the guest's serial input, waiting while the UART's FIFO is full.
+fn spawn_stdin_forwarder(console: Arc<Mutex<SerialConsole>>) -> std::io::Result<()> {
+    thread::Builder::new()
+        .name("kiln_stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = match console.lock() {
+                        Ok(mut console) => console.enqueue_input(pending).unwrap_or(0),
+                        Err(_) => return,
+                    };
+                    pending = &pending[taken..];
+                    if taken == 0 {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! vCPUs: boot configuration, the run loop with port-I/O and MMIO dispatch, exit accounting, and
+//! the diagnostics that make a wedged guest visible (fatal-exit reports, RIP samples).
+//!
+//! Invariant: every KVM exit is either handled (I/O dispatched to a bus), a clean stop the guest
+//! asked for (reset / shutdown), or a [`FatalExit`] carrying the reason, RIP and instruction bytes.
+//! No exit is ignored and none loops forever.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use devices::Bus;
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::vm::Vm;
+use crate::arch::x86_64::cpuid;
+use crate::arch::x86_64::regs::{self, EntryPoint};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+/// Linux maps the kernel image at this virtual address + its physical address.
+const KERNEL_TEXT_BASE: u64 = 0xffff_ffff_8000_0000;
+/// How many instruction bytes a fatal-exit report shows.
+const INSTRUCTION_BYTES: usize = 16;
+
+/// Errors from a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed while setting the vCPU up.
+    #[error("vCPU {cpu}: {what}: {source}")]
+    Kvm {
+        cpu: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Boot register setup failed.
+    #[error("vCPU {cpu}: {source}")]
+    Regs {
+        cpu: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+    /// CPUID normalization failed.
+    #[error("vCPU {cpu}: {source}")]
+    Cpuid {
+        cpu: u8,
+        #[source]
+        source: cpuid::CpuidError,
+    },
+    /// The guest stopped in a way that is not a clean reset or power-off.
+    #[error("{0}")]
+    Fatal(FatalExit),
+}
+
+/// A vCPU exit the VMM cannot continue from, with what is known of where the guest was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FatalExit {
+    /// The vCPU's index.
+    pub cpu: u8,
+    /// The exit reason in KVM's words, with its details.
+    pub reason: String,
+    /// The guest's RIP, if the registers could be read.
+    pub rip: Option<u64>,
+    /// Up to 16 bytes at RIP, if they could be located in guest memory.
+    pub instruction: Option<Vec<u8>>,
+}
+
+impl fmt::Display for FatalExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vCPU {}: {}", self.cpu, self.reason)?;
+        match self.rip {
+            Some(rip) => write!(f, " at RIP {rip:#x}")?,
+            None => write!(f, " (RIP unavailable)")?,
+        }
+        if let Some(bytes) = &self.instruction {
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write!(f, ", instruction bytes {}", hex.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+/// How a vCPU's run ended when the guest asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest reset the machine (`reboot`): a microVM's normal end.
+    Reset,
+    /// The guest powered the machine off.
+    Shutdown,
+}
+
+/// What one `KVM_RUN` came back with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// An exit was handled; run again.
+    Handled,
+    /// A signal kicked the vCPU out of `KVM_RUN` (diagnostics or stop requests).
+    Interrupted,
+    /// The guest asked to stop.
+    Stopped(VcpuStop),
+}
+
+/// Exit counts by reason, for the SIGUSR1 report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// Port or MMIO accesses no device claimed.
+    pub unclaimed: u64,
+    /// Returns from `KVM_RUN` because of a signal.
+    pub interrupted: u64,
+}
+
+impl fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "io_in {}, io_out {}, mmio_read {}, mmio_write {}, unclaimed {}, interrupted {}",
+            self.io_in, self.io_out, self.mmio_read, self.mmio_write, self.unclaimed, self.interrupted
+        )
+    }
+}
+
+/// A point-in-time view of a vCPU, taken on its own thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSample {
+    /// The guest's RIP (None if KVM would not say).
+    pub rip: Option<u64>,
+    /// True when the vCPU sits in HLT waiting for an interrupt (an idle guest, not a stuck one).
+    pub halted: bool,
+    /// Exit counts so far.
+    pub exits: ExitCounts,
+}
+
+/// Requests another thread makes of a running vCPU; it acts on them between runs.
+#[derive(Debug, Default)]
+pub struct VcpuRequests {
+    /// Print a report (RIP, exit counts) to stderr.
+    pub report: AtomicBool,
+    /// Take a sample for the stuck-vCPU watchdog.
+    pub sample: AtomicBool,
+    /// Leave the run loop.
+    pub stop: AtomicBool,
+}
+
+/// Notices a vCPU that stays at one RIP, running (not halted), over many consecutive samples:
+/// the signature of the emulator spinning on an instruction it cannot complete.
+#[derive(Debug, Default)]
+pub struct StuckDetector {
+    last_rip: Option<u64>,
+    repeats: u32,
+}
+
+impl StuckDetector {
+    /// Feeds one sample; returns true exactly once per stuck period, when `threshold` consecutive
+    /// samples saw the same RIP with the vCPU running.
+    pub fn observe(&mut self, sample: &VcpuSample, threshold: u32) -> bool {
+        match sample.rip {
+            Some(rip) if !sample.halted && self.last_rip == Some(rip) => {
+                self.repeats += 1;
+                self.repeats == threshold
+            }
+            rip => {
+                self.last_rip = if sample.halted { None } else { rip };
+                self.repeats = 0;
+                false
+            }
+        }
+    }
+}
+
+/// One KVM vCPU with the buses its exits are dispatched to.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    mem: GuestMemoryMmap,
+    exits: ExitCounts,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`.
+    pub fn new(
+        vm: &Vm,
+        index: u8,
+        io_bus: Bus,
+        mmio_bus: Bus,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                cpu: index,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Self {
+            index,
+            fd,
+            io_bus,
+            mmio_bus,
+            mem,
+            exits: ExitCounts::default(),
+        })
+    }
+
+    /// This vCPU's index (and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets CPUID, boot MSRs, LAPIC LINT pins and the boot registers for `entry`.
+    /// Returns the boot MSRs KVM refused (kept at their reset values).
+    pub fn configure(&self, kvm: &Kvm, cpus: u8, entry: EntryPoint) -> Result<Vec<u32>, VcpuError> {
+        let cpu = self.index;
+        let kvm_err = |what| move |source| VcpuError::Kvm { cpu, what, source };
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::normalize(
+            &mut cpuid,
+            cpu,
+            cpus,
+            kvm.check_extension(Cap::TscDeadlineTimer),
+        )
+        .map_err(|source| VcpuError::Cpuid { cpu, source })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let refused = regs::set_boot_msrs(&self.fd);
+        regs::setup_boot_vcpu(&self.fd, &self.mem, entry)
+            .map_err(|source| VcpuError::Regs { cpu, source })?;
+        regs::set_lint(&self.fd).map_err(|source| VcpuError::Regs { cpu, source })?;
+        Ok(refused)
+    }
+
+    /// Runs the guest until the next exit and handles it.
+    pub fn run_once(&mut self) -> Result<VcpuEvent, VcpuError> {
+        let fatal_reason = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.exits.io_in += 1;
+                if !self.io_bus.read(u64::from(port), data) {
+                    // An absent ISA device floats the bus high.
+                    data.fill(0xff);
+                    self.exits.unclaimed += 1;
+                }
+                return Ok(VcpuEvent::Handled);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.exits.io_out += 1;
+                if !self.io_bus.write(u64::from(port), data) {
+                    self.exits.unclaimed += 1;
+                }
+                return Ok(VcpuEvent::Handled);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.exits.mmio_read += 1;
+                if !self.mmio_bus.read(addr, data) {
+                    data.fill(0xff);
+                    self.exits.unclaimed += 1;
+                }
+                return Ok(VcpuEvent::Handled);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.exits.mmio_write += 1;
+                if !self.mmio_bus.write(addr, data) {
+                    self.exits.unclaimed += 1;
+                }
+                return Ok(VcpuEvent::Handled);
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                return Ok(VcpuEvent::Stopped(VcpuStop::Reset))
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+                return Ok(VcpuEvent::Stopped(VcpuStop::Shutdown))
+            }
+            Ok(VcpuExit::SystemEvent(kind, data)) => {
+                format!("KVM_EXIT_SYSTEM_EVENT type {kind} data {data:x?}")
+            }
+            Ok(VcpuExit::Shutdown) => "KVM_EXIT_SHUTDOWN (triple fault)".to_string(),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})")
+            }
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member of the exit union: the exit reason
+                // is KVM_EXIT_INTERNAL_ERROR, which is what `run()` just decoded.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror}: the host cannot emulate an instruction)")
+            }
+            Ok(VcpuExit::Hlt) => "KVM_EXIT_HLT (halted with no interrupt controller to wake it)".to_string(),
+            Ok(other) => format!("unexpected exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR => {
+                self.exits.interrupted += 1;
+                return Ok(VcpuEvent::Interrupted);
+            }
+            Err(e) if e.errno() == libc::EAGAIN => return Ok(VcpuEvent::Handled),
+            Err(e) => format!("KVM_RUN failed: {e}"),
+        };
+        Err(VcpuError::Fatal(self.fatal_exit(fatal_reason)))
+    }
+
+    /// Runs until the guest stops or `requests.stop` is set, serving report and sample requests
+    /// between runs. `on_sample` sees every watchdog sample.
+    pub fn run_until_stop(
+        &mut self,
+        requests: &VcpuRequests,
+        mut on_sample: impl FnMut(u8, &VcpuSample),
+    ) -> Result<Option<VcpuStop>, VcpuError> {
+        loop {
+            if requests.stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            if requests.report.swap(false, Ordering::AcqRel) {
+                eprintln!("{}", self.report());
+            }
+            if requests.sample.swap(false, Ordering::AcqRel) {
+                let sample = self.sample();
+                on_sample(self.index, &sample);
+            }
+            if let VcpuEvent::Stopped(stop) = self.run_once()? {
+                return Ok(Some(stop));
+            }
+        }
+    }
+
+    /// Reads RIP, the halted state and the exit counts. Call on the vCPU's own thread, between runs.
+    pub fn sample(&self) -> VcpuSample {
+        VcpuSample {
+            rip: self.fd.get_regs().ok().map(|r| r.rip),
+            halted: self
+                .fd
+                .get_mp_state()
+                .map(|s| s.mp_state == KVM_MP_STATE_HALTED)
+                .unwrap_or(false),
+            exits: self.exits,
+        }
+    }
+
+    /// The one-line SIGUSR1 report.
+    pub fn report(&self) -> String {
+        let sample = self.sample();
+        let rip = sample
+            .rip
+            .map_or_else(|| "unavailable".to_string(), |rip| format!("{rip:#x}"));
+        let state = if sample.halted { "halted" } else { "running" };
+        format!(
+            "kiln: vCPU {}: RIP {rip} ({state}); exits: {}",
+            self.index, sample.exits
+        )
+    }
+
+    /// The instruction bytes at RIP, located through KVM's translation or, failing that, the
+    /// kernel's fixed text mapping or the identity of physical and linear addresses.
+    fn instruction_bytes(&self, rip: u64, paging: bool) -> Option<Vec<u8>> {
+        let translated = self
+            .fd
+            .translate_gva(rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address);
+        let phys = translated.or(if !paging {
+            Some(rip)
+        } else if rip >= KERNEL_TEXT_BASE {
+            Some(rip - KERNEL_TEXT_BASE)
+        } else {
+            None
+        })?;
+        let mut bytes = vec![0u8; INSTRUCTION_BYTES];
+        let read = self.mem.read(&mut bytes, GuestAddress(phys)).ok()?;
+        bytes.truncate(read);
+        Some(bytes)
+    }
+
+    fn fatal_exit(&self, reason: String) -> FatalExit {
+        let rip = self.fd.get_regs().ok().map(|r| r.rip);
+        let paging = self
+            .fd
+            .get_sregs()
+            .map(|s| s.cr0 & 0x8000_0000 != 0)
+            .unwrap_or(true);
+        FatalExit {
+            cpu: self.index,
+            reason,
+            rip,
+            instruction: rip.and_then(|rip| self.instruction_bytes(rip, paging)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rip: u64, halted: bool) -> VcpuSample {
+        VcpuSample {
+            rip: Some(rip),
+            halted,
+            exits: ExitCounts::default(),
+        }
+    }
+
+    #[test]
+    fn stuck_detector_fires_once_after_threshold_repeats() {
+        let mut detector = StuckDetector::default();
+        assert!(!detector.observe(&sample(0x10, false), 3));
+        assert!(!detector.observe(&sample(0x10, false), 3));
+        assert!(!detector.observe(&sample(0x10, false), 3));
+        assert!(detector.observe(&sample(0x10, false), 3));
+        assert!(!detector.observe(&sample(0x10, false), 3), "reported once");
+        assert!(!detector.observe(&sample(0x20, false), 3), "moved on");
+    }
+
+    #[test]
+    fn halted_vcpus_are_idle_not_stuck() {
+        let mut detector = StuckDetector::default();
+        for _ in 0..10 {
+            assert!(!detector.observe(&sample(0x10, true), 3));
+        }
+    }
+
+    #[test]
+    fn fatal_exit_message_names_reason_rip_and_bytes() {
+        let exit = FatalExit {
+            cpu: 1,
+            reason: "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+            rip: Some(0xffff_ffff_8100_0000),
+            instruction: Some(vec![0x0f, 0x01, 0xca]),
+        };
+        assert_eq!(
+            exit.to_string(),
+            "vCPU 1: KVM_EXIT_SHUTDOWN (triple fault) at RIP 0xffffffff81000000, instruction bytes 0f 01 ca"
+        );
+        let unknown = FatalExit {
+            rip: None,
+            instruction: None,
+            ..exit
+        };
+        assert!(unknown.to_string().ends_with("(RIP unavailable)"));
+    }
+}
