@@ -100,11 +100,11 @@ fn config_table(cpus: u8) -> Vec<u8> {
         .u32(IOAPIC_ADDR as u32);
     count += 2;
     for irq in 0..IRQ_PINS {
-        // Pin 0 carries the PIC's ExtINT in virtual-wire mode, as on real boards.
-        let kind = if irq == 0 { MP_EXTINT } else { MP_INT };
+        // Every ISA IRQ, the timer's included, is an ordinary IOAPIC input: this is how KVM's
+        // default routing wires them (an ExtINT pin 0 makes Linux's timer check fail).
         entries
             .u8(ENTRY_INTSRC)
-            .u8(kind)
+            .u8(MP_INT)
             .u16(0)
             .u8(0)
             .u8(irq)
@@ -112,8 +112,8 @@ fn config_table(cpus: u8) -> Vec<u8> {
             .u8(irq);
         count += 1;
     }
-    // LINT0 of every local APIC is ExtINT, LINT1 is NMI.
-    entries.u8(ENTRY_LINTSRC).u8(MP_EXTINT).u16(0).u8(0).u8(0).u8(0xff).u8(0);
+    // LINT0 of the boot CPU's local APIC is ExtINT (the PIC, virtual-wire mode); every LINT1 is NMI.
+    entries.u8(ENTRY_LINTSRC).u8(MP_EXTINT).u16(0).u8(0).u8(0).u8(0).u8(0);
     entries.u8(ENTRY_LINTSRC).u8(MP_NMI).u16(0).u8(0).u8(0).u8(0xff).u8(1);
     count += 2;
 
