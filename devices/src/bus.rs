@@ -115,7 +115,9 @@ impl Bus {
 /// Locks a device, recovering from a poisoned lock: a device's state is plain data, and a panic on
 /// another vCPU thread has already ended the VMM's useful life, so there is nothing better to do.
 fn lock(device: &SharedBusDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

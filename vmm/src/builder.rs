@@ -120,10 +120,13 @@ pub fn build_microvm(
     let vm = Vm::new(kvm)?;
     vm.register_memory(&mem)?;
 
-    let console_out = config.console.open().map_err(|source| BuildError::Console {
-        path: format!("{:?}", config.console),
-        source,
-    })?;
+    let console_out = config
+        .console
+        .open()
+        .map_err(|source| BuildError::Console {
+            path: format!("{:?}", config.console),
+            source,
+        })?;
     let devices = DeviceManager::new(&vm, console_out)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -138,7 +141,10 @@ pub fn build_microvm(
         let refused = vcpu.configure(kvm, config.vcpus, entry)?;
         if index == 0 && !refused.is_empty() {
             let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
-            eprintln!("kiln: KVM refused boot MSRs {} (left at reset values)", list.join(", "));
+            eprintln!(
+                "kiln: KVM refused boot MSRs {} (left at reset values)",
+                list.join(", ")
+            );
         }
         vcpus.push(vcpu);
     }
@@ -162,8 +168,17 @@ mod tests {
     fn entry_choice() {
         let plain = HostQuirks::default();
         let pvm = HostQuirks { nested_pvm: true };
-        assert_eq!(choose_entry(&kernel(None), &plain), EntryPoint::Linux64(0x100_0000));
-        assert_eq!(choose_entry(&kernel(Some(0x100_0400)), &plain), EntryPoint::Pvh(0x100_0400));
-        assert_eq!(choose_entry(&kernel(Some(0x100_0400)), &pvm), EntryPoint::Linux64(0x100_0000));
+        assert_eq!(
+            choose_entry(&kernel(None), &plain),
+            EntryPoint::Linux64(0x100_0000)
+        );
+        assert_eq!(
+            choose_entry(&kernel(Some(0x100_0400)), &plain),
+            EntryPoint::Pvh(0x100_0400)
+        );
+        assert_eq!(
+            choose_entry(&kernel(Some(0x100_0400)), &pvm),
+            EntryPoint::Linux64(0x100_0000)
+        );
     }
 }

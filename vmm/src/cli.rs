@@ -67,8 +67,19 @@ mod tests {
     #[test]
     fn every_flag() {
         let run = parse(&[
-            "run", "--kernel", "/k", "--initrd", "/i", "--cmdline", "a=b c", "--vcpus", "2",
-            "--mem-mib", "256", "--console", "file:/tmp/out",
+            "run",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "a=b c",
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "256",
+            "--console",
+            "file:/tmp/out",
         ])
         .unwrap();
         assert_eq!(run.kernel, Some("/k".into()));

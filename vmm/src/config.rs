@@ -197,30 +197,76 @@ mod tests {
     #[test]
     fn vcpu_limits() {
         for bad in [0, 255, 1 << 40] {
-            let err = VmConfigRequest { vcpus: bad, ..request() }.validate(LIMITS).unwrap_err();
-            assert_eq!(err, ConfigError::VcpuCount { requested: bad, max: 254 });
+            let err = VmConfigRequest {
+                vcpus: bad,
+                ..request()
+            }
+            .validate(LIMITS)
+            .unwrap_err();
+            assert_eq!(
+                err,
+                ConfigError::VcpuCount {
+                    requested: bad,
+                    max: 254
+                }
+            );
         }
-        let small_host = HostLimits { max_vcpus: 4, ..LIMITS };
-        let err = VmConfigRequest { vcpus: 5, ..request() }.validate(small_host).unwrap_err();
-        assert_eq!(err.to_string(), "--vcpus 5: must be between 1 and 4 on this host");
-        assert!(VmConfigRequest { vcpus: 254, ..request() }.validate(LIMITS).is_ok());
+        let small_host = HostLimits {
+            max_vcpus: 4,
+            ..LIMITS
+        };
+        let err = VmConfigRequest {
+            vcpus: 5,
+            ..request()
+        }
+        .validate(small_host)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--vcpus 5: must be between 1 and 4 on this host"
+        );
+        assert!(VmConfigRequest {
+            vcpus: 254,
+            ..request()
+        }
+        .validate(LIMITS)
+        .is_ok());
     }
 
     #[test]
     fn memory_limits() {
-        let err = VmConfigRequest { mem_mib: 0, ..request() }.validate(LIMITS).unwrap_err();
+        let err = VmConfigRequest {
+            mem_mib: 0,
+            ..request()
+        }
+        .validate(LIMITS)
+        .unwrap_err();
         assert_eq!(err, ConfigError::MemoryTooSmall { requested: 0 });
-        let err = VmConfigRequest { mem_mib: 1 << 30, ..request() }.validate(LIMITS).unwrap_err();
-        assert_eq!(err.to_string(), "--mem-mib 1073741824: the host has only 24576 MiB of memory");
+        let err = VmConfigRequest {
+            mem_mib: 1 << 30,
+            ..request()
+        }
+        .validate(LIMITS)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--mem-mib 1073741824: the host has only 24576 MiB of memory"
+        );
     }
 
     #[test]
     fn console_parsing() {
         assert_eq!("stdout".parse(), Ok(ConsoleConfig::Stdout));
         assert_eq!("none".parse(), Ok(ConsoleConfig::None));
-        assert_eq!("file:/tmp/c".parse(), Ok(ConsoleConfig::File("/tmp/c".into())));
+        assert_eq!(
+            "file:/tmp/c".parse(),
+            Ok(ConsoleConfig::File("/tmp/c".into()))
+        );
         assert!("file:".parse::<ConsoleConfig>().is_err());
-        assert!("tty".parse::<ConsoleConfig>().unwrap_err().contains("stdout, file:PATH or none"));
+        assert!("tty"
+            .parse::<ConsoleConfig>()
+            .unwrap_err()
+            .contains("stdout, file:PATH or none"));
     }
 
     #[test]

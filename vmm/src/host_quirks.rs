@@ -72,7 +72,13 @@ mod tests {
     fn pvm_hosts_get_the_compat_line() {
         let pvm = HostQuirks { nested_pvm: true };
         let line = pvm.guest_cmdline().unwrap();
-        for needed in ["nopv", "noxsave", "clearcpuid=smap,", "i8042.nopnp", "GLIBC_TUNABLES="] {
+        for needed in [
+            "nopv",
+            "noxsave",
+            "clearcpuid=smap,",
+            "i8042.nopnp",
+            "GLIBC_TUNABLES=",
+        ] {
             assert!(line.contains(needed), "{needed} missing");
         }
         assert!(!line.contains("  "), "no doubled spaces");
@@ -80,7 +86,10 @@ mod tests {
             .split(' ')
             .find_map(|w| w.strip_prefix("clearcpuid="))
             .unwrap();
-        assert!(clearcpuid.len() <= 127, "Linux truncates clearcpuid= at 127 characters");
+        assert!(
+            clearcpuid.len() <= 127,
+            "Linux truncates clearcpuid= at 127 characters"
+        );
         assert!(!pvm.allows_pvh());
         assert!(pvm.describe().unwrap().contains("kvm_pvm"));
     }

@@ -16,3 +16,6 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod vstate;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_elf;

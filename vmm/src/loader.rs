@@ -67,7 +67,10 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LoaderError + 'a {
+fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LoaderError + 'a {
     move |source| LoaderError::Io {
         what,
         path: path.to_path_buf(),
@@ -88,7 +91,9 @@ fn is_bzimage(file: &mut File) -> std::io::Result<bool> {
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(io_error("kernel image", path))?;
     let mut head = [0u8; 8];
-    let got = file.read(&mut head).map_err(io_error("kernel image", path))?;
+    let got = file
+        .read(&mut head)
+        .map_err(io_error("kernel image", path))?;
     file.seek(SeekFrom::Start(0))
         .map_err(io_error("kernel image", path))?;
     let kernel_error = |source| LoaderError::Kernel {
@@ -192,6 +197,7 @@ pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<(u64, us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_elf::tiny_elf;
     use std::io::Write;
 
     fn mem() -> GuestMemoryMmap {
@@ -204,34 +210,6 @@ mod tests {
         let path = dir.join(name);
         File::create(&path).unwrap().write_all(bytes).unwrap();
         path
-    }
-
-    /// A minimal valid x86_64 ELF executable with one PT_LOAD segment of `code` at `addr`.
-    pub(crate) fn tiny_elf(addr: u64, code: &[u8]) -> Vec<u8> {
-        let mut elf = vec![0u8; 0x78];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2; // 64-bit
-        elf[5] = 1; // little endian
-        elf[6] = 1; // version
-        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86_64
-        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-        elf[24..32].copy_from_slice(&addr.to_le_bytes()); // entry
-        elf[32..40].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
-        elf[52..54].copy_from_slice(&0x40u16.to_le_bytes()); // ehsize
-        elf[54..56].copy_from_slice(&0x38u16.to_le_bytes()); // phentsize
-        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-        let ph = &mut elf[0x40..0x78];
-        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-        ph[8..16].copy_from_slice(&0x78u64.to_le_bytes()); // offset
-        ph[16..24].copy_from_slice(&addr.to_le_bytes()); // vaddr
-        ph[24..32].copy_from_slice(&addr.to_le_bytes()); // paddr
-        ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-        elf.extend_from_slice(code);
-        elf
     }
 
     #[test]
@@ -263,7 +241,11 @@ mod tests {
         let err = load_kernel(&mem, &temp_file("empty", b"")).unwrap_err();
         assert!(err.to_string().contains("the file is empty"), "{err}");
         let err = load_kernel(&mem, Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(err.to_string().starts_with("kernel image /nonexistent/vmlinux: "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("kernel image /nonexistent/vmlinux: "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -276,8 +258,11 @@ mod tests {
         let err = load_kernel(&mem, &temp_file("low.elf", &tiny_elf(0x1000, &[0xf4]))).unwrap_err();
         assert!(matches!(err, LoaderError::Kernel { .. }), "{err}");
         // A segment beyond guest memory.
-        let err =
-            load_kernel(&mem, &temp_file("high.elf", &tiny_elf(0x1000_0000, &[0xf4]))).unwrap_err();
+        let err = load_kernel(
+            &mem,
+            &temp_file("high.elf", &tiny_elf(0x1000_0000, &[0xf4])),
+        )
+        .unwrap_err();
         assert!(matches!(err, LoaderError::Kernel { .. }), "{err}");
     }
 
@@ -298,13 +283,19 @@ mod tests {
         let mem = mem();
         let path = temp_file("big-initrd", &vec![0u8; 1 << 20]);
         let err = load_initrd(&mem, &path, 32 << 20, (32 << 20) - 4096).unwrap_err();
-        assert!(matches!(err, LoaderError::InitrdTooLarge { size: 1048576, .. }), "{err}");
+        assert!(
+            matches!(err, LoaderError::InitrdTooLarge { size: 1048576, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn cmdline_limits() {
         let cmdline = build_cmdline(["console=ttyS0", "  ", "reboot=k panic=1"]).unwrap();
-        assert_eq!(cmdline.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 reboot=k panic=1");
+        assert_eq!(
+            cmdline.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 reboot=k panic=1"
+        );
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(build_cmdline([long.as_str()]).is_err());
         let mem = mem();

@@ -52,14 +52,14 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
     let quirks = HostQuirks::detect();
-    if let Some(line) = quirks.describe() {
-        eprintln!("{line}");
-    }
     let microvm = match build_microvm(&kvm, &config, &quirks) {
         Ok(microvm) => microvm,
         Err(e) if e.is_bad_input() => return fail(EXIT_BAD_INPUT, e),
         Err(e) => return fail(EXIT_FAILURE, e),
     };
+    if let Some(line) = quirks.describe() {
+        eprintln!("{line}");
+    }
     match microvm.run(forward_stdin) {
         Ok(ExitReason::GuestReset) => {
             eprintln!("kiln: the guest rebooted; exiting");

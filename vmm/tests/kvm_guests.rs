@@ -25,7 +25,10 @@ fn kvm_available() -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "/dev/kvm is required under CI");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "/dev/kvm is required under CI"
+    );
     eprintln!("skipping: no /dev/kvm");
     false
 }
@@ -133,9 +136,13 @@ fn long_mode_entry_has_the_boot_protocol_state() {
     ];
     let reporter = Arc::new(Mutex::new(Reporter::default()));
     let mut io_bus = Bus::new();
-    io_bus.insert(reporter.clone(), u64::from(REPORT_PORT), 1).unwrap();
+    io_bus
+        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
+        .unwrap();
     let mut guest = tiny_guest(code, EntryPoint::Linux64(CODE_ADDR), io_bus, Bus::new());
-    run_until(&mut guest.vcpu, 100, || reporter.lock().unwrap().values.len() == 10);
+    run_until(&mut guest.vcpu, 100, || {
+        reporter.lock().unwrap().values.len() == 10
+    });
 
     let v = reporter.lock().unwrap().values.clone();
     assert_eq!(v[0] as u64, ZERO_PAGE_ADDR, "rsi points at the zero page");
@@ -253,11 +260,17 @@ fn pvh_entry_and_mmio_dispatch() {
     let reporter = Arc::new(Mutex::new(Reporter::default()));
     let scratch = Arc::new(Mutex::new(Scratch::default()));
     let mut io_bus = Bus::new();
-    io_bus.insert(reporter.clone(), u64::from(REPORT_PORT), 1).unwrap();
+    io_bus
+        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
+        .unwrap();
     let mut mmio_bus = Bus::new();
-    mmio_bus.insert(scratch.clone(), MMIO_TEST_ADDR, 0x1000).unwrap();
+    mmio_bus
+        .insert(scratch.clone(), MMIO_TEST_ADDR, 0x1000)
+        .unwrap();
     let mut guest = tiny_guest(code, EntryPoint::Pvh(CODE_ADDR), io_bus, mmio_bus);
-    run_until(&mut guest.vcpu, 100, || reporter.lock().unwrap().values.len() == 3);
+    run_until(&mut guest.vcpu, 100, || {
+        reporter.lock().unwrap().values.len() == 3
+    });
 
     let v = reporter.lock().unwrap().values.clone();
     assert_eq!(v[0] as u64, PVH_INFO_ADDR, "rbx points at the start info");

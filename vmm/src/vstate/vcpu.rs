@@ -124,7 +124,12 @@ impl fmt::Display for ExitCounts {
         write!(
             f,
             "io_in {}, io_out {}, mmio_read {}, mmio_write {}, unclaimed {}, interrupted {}",
-            self.io_in, self.io_out, self.mmio_read, self.mmio_write, self.unclaimed, self.interrupted
+            self.io_in,
+            self.io_out,
+            self.mmio_read,
+            self.mmio_write,
+            self.unclaimed,
+            self.interrupted
         )
     }
 }
@@ -298,7 +303,9 @@ impl Vcpu {
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
                 format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror}: the host cannot emulate an instruction)")
             }
-            Ok(VcpuExit::Hlt) => "KVM_EXIT_HLT (halted with no interrupt controller to wake it)".to_string(),
+            Ok(VcpuExit::Hlt) => {
+                "KVM_EXIT_HLT (halted with no interrupt controller to wake it)".to_string()
+            }
             Ok(other) => format!("unexpected exit {other:?}"),
             Err(e) if e.errno() == libc::EINTR => {
                 self.exits.interrupted += 1;

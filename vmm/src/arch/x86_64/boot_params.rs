@@ -147,9 +147,23 @@ mod tests {
     fn e820_of_a_small_guest() {
         let map = e820_map(128 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
-        assert_eq!(map[2], E820Entry { addr: 1 << 20, size: (128 << 20) - (1 << 20), kind: E820_RAM });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 1 << 20,
+                size: (128 << 20) - (1 << 20),
+                kind: E820_RAM
+            }
+        );
     }
 
     #[test]
@@ -158,7 +172,11 @@ mod tests {
         assert_eq!(map.len(), 4);
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
         assert_eq!(map[3].addr, 1 << 32);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         // Only the 384 KiB between the EBDA and 1 MiB is withheld.
         assert_eq!(ram, (8 << 30) - (HIMEM_START - EBDA_START));
         for pair in map.windows(2) {

@@ -124,7 +124,10 @@ mod tests {
     fn rejects_absurd_sizes() {
         assert_eq!(ram_regions(0), Err(LayoutError::TooSmall(0)));
         assert_eq!(ram_regions(1 << 20), Err(LayoutError::TooSmall(1 << 20)));
-        assert!(matches!(ram_regions(u64::MAX), Err(LayoutError::TooLarge(_))));
+        assert!(matches!(
+            ram_regions(u64::MAX),
+            Err(LayoutError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -143,9 +146,12 @@ mod tests {
         for (i, a) in areas.iter().enumerate() {
             assert!(a.0 + a.1 <= HIMEM_START);
             for b in &areas[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
         }
-        assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR);
+        const { assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR) };
     }
 }

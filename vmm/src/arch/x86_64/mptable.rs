@@ -113,8 +113,22 @@ fn config_table(cpus: u8) -> Vec<u8> {
         count += 1;
     }
     // LINT0 of the boot CPU's local APIC is ExtINT (the PIC, virtual-wire mode); every LINT1 is NMI.
-    entries.u8(ENTRY_LINTSRC).u8(MP_EXTINT).u16(0).u8(0).u8(0).u8(0).u8(0);
-    entries.u8(ENTRY_LINTSRC).u8(MP_NMI).u16(0).u8(0).u8(0).u8(0xff).u8(1);
+    entries
+        .u8(ENTRY_LINTSRC)
+        .u8(MP_EXTINT)
+        .u16(0)
+        .u8(0)
+        .u8(0)
+        .u8(0)
+        .u8(0);
+    entries
+        .u8(ENTRY_LINTSRC)
+        .u8(MP_NMI)
+        .u16(0)
+        .u8(0)
+        .u8(0)
+        .u8(0xff)
+        .u8(1);
     count += 2;
 
     const HEADER_LEN: usize = 44;
@@ -187,16 +201,19 @@ mod tests {
         let mem = mem();
         write_mptable(&mem, 4).unwrap();
         let mut fp = [0u8; 16];
-        mem.read_slice(&mut fp, GuestAddress(MPTABLE_POINTER_ADDR)).unwrap();
+        mem.read_slice(&mut fp, GuestAddress(MPTABLE_POINTER_ADDR))
+            .unwrap();
         assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(sum(&fp), 0);
         let table_addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
         let mut header = [0u8; 44];
-        mem.read_slice(&mut header, GuestAddress(table_addr)).unwrap();
+        mem.read_slice(&mut header, GuestAddress(table_addr))
+            .unwrap();
         assert_eq!(&header[..4], b"PCMP");
         let len = u16::from_le_bytes([header[4], header[5]]) as usize;
         let mut table = vec![0u8; len];
-        mem.read_slice(&mut table, GuestAddress(table_addr)).unwrap();
+        mem.read_slice(&mut table, GuestAddress(table_addr))
+            .unwrap();
         assert_eq!(sum(&table), 0);
     }
 
@@ -209,7 +226,11 @@ mod tests {
             let mut offset = 44;
             let (mut seen_cpus, mut boot) = (0, 0);
             for _ in 0..count {
-                let len = if table[offset] == ENTRY_PROCESSOR { 20 } else { 8 };
+                let len = if table[offset] == ENTRY_PROCESSOR {
+                    20
+                } else {
+                    8
+                };
                 if table[offset] == ENTRY_PROCESSOR {
                     assert_eq!(table[offset + 1], seen_cpus as u8, "APIC ids are 0..n");
                     seen_cpus += 1;
@@ -225,9 +246,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_cpu_counts_and_small_memory() {
-        assert!(matches!(write_mptable(&mem(), 0), Err(MptableError::CpuCount(0))));
-        assert!(matches!(write_mptable(&mem(), 255), Err(MptableError::CpuCount(255))));
+        assert!(matches!(
+            write_mptable(&mem(), 0),
+            Err(MptableError::CpuCount(0))
+        ));
+        assert!(matches!(
+            write_mptable(&mem(), 255),
+            Err(MptableError::CpuCount(255))
+        ));
         let tiny = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        assert!(matches!(write_mptable(&tiny, 1), Err(MptableError::Write(_))));
+        assert!(matches!(
+            write_mptable(&tiny, 1),
+            Err(MptableError::Write(_))
+        ));
     }
 }

@@ -9,7 +9,9 @@ const PRESENT_WRITABLE: u64 = 0x3;
 const HUGE_PAGE: u64 = 0x80;
 
 /// Writes PML4 → PDPT → PD and returns the value for CR3.
-pub fn write_identity_map<M: GuestMemoryBackend>(mem: &M) -> Result<u64, vm_memory::GuestMemoryError> {
+pub fn write_identity_map<M: GuestMemoryBackend>(
+    mem: &M,
+) -> Result<u64, vm_memory::GuestMemoryError> {
     mem.write_obj(PDPTE_ADDR | PRESENT_WRITABLE, GuestAddress(PML4_ADDR))?;
     mem.write_obj(PDE_ADDR | PRESENT_WRITABLE, GuestAddress(PDPTE_ADDR))?;
     let mut pd = [0u8; 512 * 8];
@@ -28,7 +30,9 @@ mod tests {
 
     /// Walks the tables the way the MMU does for a 2-MiB mapping.
     fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> u64 {
-        let pml4e: u64 = mem.read_obj(GuestAddress(cr3 + ((va >> 39) & 0x1ff) * 8)).unwrap();
+        let pml4e: u64 = mem
+            .read_obj(GuestAddress(cr3 + ((va >> 39) & 0x1ff) * 8))
+            .unwrap();
         assert_eq!(pml4e & 1, 1);
         let pdpte: u64 = mem
             .read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 0x1ff) * 8))

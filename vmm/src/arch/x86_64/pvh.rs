@@ -75,6 +75,9 @@ mod tests {
         let initrd: u64 = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
         assert_eq!(initrd, 0x80_0000);
         let last_map_byte = PVH_MEMMAP_ADDR + 24 * memmap_entries as u64;
-        assert!(last_map_byte <= ZERO_PAGE_ADDR, "stays clear of the zero page");
+        assert!(
+            last_map_byte <= ZERO_PAGE_ADDR,
+            "stays clear of the zero page"
+        );
     }
 }

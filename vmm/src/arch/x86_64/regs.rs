@@ -207,7 +207,8 @@ pub fn setup_boot_vcpu<M: GuestMemoryBackend>(
     let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     vcpu.set_sregs(&boot_sregs(mem, entry, sregs)?)
         .map_err(kvm("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_regs(&boot_regs(entry))
+        .map_err(kvm("KVM_SET_REGS"))?;
     Ok(())
 }
 
@@ -223,8 +224,12 @@ mod tests {
     #[test]
     fn long_mode_state() {
         let mem = mem();
-        let sregs = boot_sregs(&mem, EntryPoint::Linux64(0x100_0000), kvm_sregs::default()).unwrap();
-        assert_eq!(sregs.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE | X86_CR0_PG);
+        let sregs =
+            boot_sregs(&mem, EntryPoint::Linux64(0x100_0000), kvm_sregs::default()).unwrap();
+        assert_eq!(
+            sregs.cr0 & (X86_CR0_PE | X86_CR0_PG),
+            X86_CR0_PE | X86_CR0_PG
+        );
         assert_ne!(sregs.cr4 & X86_CR4_PAE, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cs.l, 1);
@@ -234,7 +239,10 @@ mod tests {
         let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_ADDR + 8)).unwrap();
         assert_eq!(code, BOOT_GDT[1]);
         let regs = boot_regs(EntryPoint::Linux64(0x100_0000));
-        assert_eq!((regs.rip, regs.rsi, regs.rsp, regs.rflags), (0x100_0000, ZERO_PAGE_ADDR, BOOT_STACK_POINTER, 2));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rsp, regs.rflags),
+            (0x100_0000, ZERO_PAGE_ADDR, BOOT_STACK_POINTER, 2)
+        );
     }
 
     #[test]
@@ -257,6 +265,9 @@ mod tests {
     fn boot_msrs_enable_fast_strings() {
         let msrs = boot_msrs();
         assert!(msrs.iter().any(|m| m.index == 0x1a0 && m.data == 1));
-        assert!(msrs.iter().filter(|m| m.index != 0x1a0).all(|m| m.data == 0));
+        assert!(msrs
+            .iter()
+            .filter(|m| m.index != 0x1a0)
+            .all(|m| m.data == 0));
     }
 }

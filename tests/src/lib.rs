@@ -1,0 +1,120 @@
+//! Harness for driving the real `kiln` binary: find it, run it with a deadline, capture what it
+//! printed and how it exited.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use vmm::test_elf::tiny_elf;
+
+/// The kiln binary: `$KILN_BIN`, or `kiln` in the target directory these tests were built into
+/// (build it first: `cargo build --workspace`).
+pub fn kiln_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KILN_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/kiln
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("kiln"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build --workspace` before the tests, or set KILN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// True when /dev/kvm is usable; under CI its absence fails the test instead.
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "/dev/kvm is required under CI"
+    );
+    eprintln!("skipping: no /dev/kvm");
+    false
+}
+
+/// What a finished kiln run left.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit status (None if killed at the deadline).
+    pub status: Option<ExitStatus>,
+    /// Everything on stdout (the guest console by default).
+    pub stdout: String,
+    /// Everything on stderr (kiln's own messages).
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The exit code, or -1 when killed by a signal or the deadline.
+    pub fn code(&self) -> i32 {
+        self.status.and_then(|s| s.code()).unwrap_or(-1)
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Spawns `kiln ARGS` with piped stdout/stderr and no stdin.
+pub fn spawn_kiln(args: &[&str]) -> Child {
+    Command::new(kiln_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln")
+}
+
+/// Waits for `child` up to `deadline`, killing it then, and collects its output.
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Outcome {
+    let start = Instant::now();
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    Outcome {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Runs `kiln ARGS` to completion (or the deadline).
+pub fn run_kiln(args: &[&str], deadline: Duration) -> Outcome {
+    wait_with_deadline(spawn_kiln(args), deadline)
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
