@@ -131,15 +131,19 @@ fn sigterm_stops_a_spinning_guest() {
     let dir = scratch_dir("spin");
     let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
     let child = spawn_kiln(&["run", "--kernel", &kernel, "--mem-mib", "16"]);
-    let pid = child.id() as libc::pid_t;
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: sending a signal to the child we spawned.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    signal("-USR1");
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    signal("-TERM");
     let out = wait_with_deadline(child, DEADLINE);
-    assert_eq!(out.code(), 128 + libc::SIGTERM, "{out:?}");
+    assert_eq!(out.code(), 128 + 15, "{out:?}");
     assert!(
         out.stderr
             .contains("kiln: vCPU 0: RIP 0x100000 (running); exits:"),

@@ -1,13 +1,14 @@
 //! KVM tests with tiny guest programs written as machine code: fast even on nested-PVM hosts,
 //! because only a handful of instructions run.
 //!
-//! They need /dev/kvm. Without it they pass with a note, except under CI (`CI` set), where a
-//! missing /dev/kvm is a failure.
+//! They drive the vmm library in-process. They need /dev/kvm: without it they pass with a note,
+//! except under CI (`CI` set), where a missing /dev/kvm is a failure.
 
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{EventFdTrigger, SerialConsole, I8042};
 use devices::{Bus, BusDevice};
+use kiln_tests::kvm_available;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::boot_params::{build_zero_page, write_zero_page, ZeroPageInputs};
 use vmm::arch::x86_64::layout::{BOOT_STACK_POINTER, PML4_ADDR, ZERO_PAGE_ADDR};
@@ -20,18 +21,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const CODE_ADDR: u64 = 0x10_0000;
 const REPORT_PORT: u16 = 0x1234;
 const MMIO_TEST_ADDR: u64 = 0xd000_0000;
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/kvm is required under CI"
-    );
-    eprintln!("skipping: no /dev/kvm");
-    false
-}
 
 /// Collects 32-bit values the guest writes to `REPORT_PORT`.
 #[derive(Default)]
