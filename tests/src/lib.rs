@@ -16,12 +16,12 @@ pub fn kiln_bin() -> PathBuf {
         return bin.into();
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/kiln
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("kiln"))
-        .expect("target directory");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/kiln
+    let mut dir = exe.parent().expect("target directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target directory");
+    }
+    let bin = dir.join("kiln");
     assert!(
         bin.is_file(),
         "{} not found: run `cargo build --workspace` before the tests, or set KILN_BIN",
