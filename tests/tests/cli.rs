@@ -24,6 +24,13 @@ fn write(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// Runs `kiln run --kernel KERNEL --mem-mib 16 EXTRA...`.
+fn run_tiny(kernel: &str, extra: &[&str]) -> kiln_tests::Outcome {
+    let mut args = vec!["run", "--kernel", kernel, "--mem-mib", "16"];
+    args.extend_from_slice(extra);
+    run_kiln(&args, DEADLINE)
+}
+
 #[test]
 fn tiny_kernel_prints_and_reboots_with_status_0() {
     if !kvm_available() {
@@ -31,7 +38,7 @@ fn tiny_kernel_prints_and_reboots_with_status_0() {
     }
     let dir = scratch_dir("hello");
     let kernel = write(&dir, "hello.elf", &hello_kernel());
-    let out = run_kiln(&["run", "--kernel", &kernel, "--mem-mib", "16"], DEADLINE);
+    let out = run_tiny(&kernel, &[]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("KILN-TINY-OK\n"), "{out:?}");
     assert!(out.stderr.contains("the guest rebooted"), "{out:?}");
@@ -39,18 +46,7 @@ fn tiny_kernel_prints_and_reboots_with_status_0() {
     // The same with the console in a file (created 0600) and with no console at all.
     let console = dir.join("console.log");
     let spec = format!("file:{}", console.display());
-    let out = run_kiln(
-        &[
-            "run",
-            "--kernel",
-            &kernel,
-            "--mem-mib",
-            "16",
-            "--console",
-            &spec,
-        ],
-        DEADLINE,
-    );
+    let out = run_tiny(&kernel, &["--console", &spec]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "KILN-TINY-OK\n");
     use std::os::unix::fs::PermissionsExt;
@@ -58,18 +54,7 @@ fn tiny_kernel_prints_and_reboots_with_status_0() {
         std::fs::metadata(&console).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let out = run_kiln(
-        &[
-            "run",
-            "--kernel",
-            &kernel,
-            "--mem-mib",
-            "16",
-            "--console",
-            "none",
-        ],
-        DEADLINE,
-    );
+    let out = run_tiny(&kernel, &["--console", "none"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(!out.stdout.contains("KILN-TINY-OK"), "{out:?}");
 }
@@ -81,18 +66,7 @@ fn tiny_kernel_on_several_vcpus() {
     }
     let dir = scratch_dir("smp");
     let kernel = write(&dir, "hello.elf", &hello_kernel());
-    let out = run_kiln(
-        &[
-            "run",
-            "--kernel",
-            &kernel,
-            "--mem-mib",
-            "16",
-            "--vcpus",
-            "4",
-        ],
-        DEADLINE,
-    );
+    let out = run_tiny(&kernel, &["--vcpus", "4"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
 }
@@ -109,7 +83,7 @@ fn triple_fault_exits_1_with_reason_rip_and_bytes() {
         "fault.elf",
         &tiny_elf(LOAD_ADDR, &[0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0x40, 0xf4]),
     );
-    let out = run_kiln(&["run", "--kernel", &kernel, "--mem-mib", "16"], DEADLINE);
+    let out = run_tiny(&kernel, &[]);
     assert_eq!(out.code(), 1, "{out:?}");
     let last = out.stderr.lines().last().unwrap_or("");
     assert!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::{EventFdTrigger, SerialConsole, I8042};
 use devices::{Bus, BusDevice};
 use kiln_tests::kvm_available;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::boot_params::{build_zero_page, write_zero_page, ZeroPageInputs};
 use vmm::arch::x86_64::layout::{BOOT_STACK_POINTER, PML4_ADDR, ZERO_PAGE_ADDR};
 use vmm::arch::x86_64::regs::{EntryPoint, PVH_INFO_ADDR};
@@ -61,7 +61,6 @@ impl BusDevice for Scratch {
 struct TinyGuest {
     // Kept alive for the vCPU.
     _vm: Vm,
-    mem: GuestMemoryMmap,
     vcpu: Vcpu,
 }
 
@@ -82,7 +81,7 @@ fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> Tin
     vm.register_memory(&mem).unwrap();
     let vcpu = Vcpu::new(&vm, 0, io_bus, mmio_bus, mem.clone()).unwrap();
     vcpu.configure(&kvm, 1, entry).unwrap();
-    TinyGuest { _vm: vm, mem, vcpu }
+    TinyGuest { _vm: vm, vcpu }
 }
 
 /// Runs until `done` says so, at most `max_exits` exits.
@@ -97,6 +96,27 @@ fn run_until(vcpu: &mut Vcpu, max_exits: usize, mut done: impl FnMut() -> bool) 
         }
     }
     panic!("guest did not finish within {max_exits} exits");
+}
+
+/// A tiny guest whose writes to `REPORT_PORT` are collected; runs until it has reported `count`
+/// values and returns them.
+fn run_reporting_guest(
+    code: &[u8],
+    entry: EntryPoint,
+    mmio_bus: Bus,
+    count: usize,
+) -> (TinyGuest, Vec<u32>) {
+    let reporter = Arc::new(Mutex::new(Reporter::default()));
+    let mut io_bus = Bus::new();
+    io_bus
+        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
+        .unwrap();
+    let mut guest = tiny_guest(code, entry, io_bus, mmio_bus);
+    run_until(&mut guest.vcpu, 100, || {
+        reporter.lock().unwrap().values.len() == count
+    });
+    let values = reporter.lock().unwrap().values.clone();
+    (guest, values)
 }
 
 #[test]
@@ -123,17 +143,7 @@ fn long_mode_entry_has_the_boot_protocol_state() {
         0xef,                               // out
         0xf4, 0xeb, 0xfd,                   // hlt; jmp hlt
     ];
-    let reporter = Arc::new(Mutex::new(Reporter::default()));
-    let mut io_bus = Bus::new();
-    io_bus
-        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
-        .unwrap();
-    let mut guest = tiny_guest(code, EntryPoint::Linux64(CODE_ADDR), io_bus, Bus::new());
-    run_until(&mut guest.vcpu, 100, || {
-        reporter.lock().unwrap().values.len() == 10
-    });
-
-    let v = reporter.lock().unwrap().values.clone();
+    let (_guest, v) = run_reporting_guest(code, EntryPoint::Linux64(CODE_ADDR), Bus::new(), 10);
     assert_eq!(v[0] as u64, ZERO_PAGE_ADDR, "rsi points at the zero page");
     assert_eq!(v[1] as u64, BOOT_STACK_POINTER, "rsp");
     assert_eq!(v[2] & 0x8000_0001, 0x8000_0001, "CR0.PG and CR0.PE");
@@ -246,22 +256,13 @@ fn pvh_entry_and_mmio_dispatch() {
         0x8b, 0x81, 0x00, 0x10, 0x00, 0x00, 0xef, // mov eax, [ecx + 0x1000] (unclaimed); out
         0xf4, 0xeb, 0xfd,                         // hlt; jmp hlt
     ];
-    let reporter = Arc::new(Mutex::new(Reporter::default()));
     let scratch = Arc::new(Mutex::new(Scratch::default()));
-    let mut io_bus = Bus::new();
-    io_bus
-        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
-        .unwrap();
     let mut mmio_bus = Bus::new();
     mmio_bus
         .insert(scratch.clone(), MMIO_TEST_ADDR, 0x1000)
         .unwrap();
-    let mut guest = tiny_guest(code, EntryPoint::Pvh(CODE_ADDR), io_bus, mmio_bus);
-    run_until(&mut guest.vcpu, 100, || {
-        reporter.lock().unwrap().values.len() == 3
-    });
+    let (guest, v) = run_reporting_guest(code, EntryPoint::Pvh(CODE_ADDR), mmio_bus, 3);
 
-    let v = reporter.lock().unwrap().values.clone();
     assert_eq!(v[0] as u64, PVH_INFO_ADDR, "rbx points at the start info");
     assert_eq!(v[1], 0x1234_5678, "MMIO read back through the bus");
     assert_eq!(v[2], 0xffff_ffff, "an unclaimed MMIO read floats high");
@@ -269,5 +270,4 @@ fn pvh_entry_and_mmio_dispatch() {
     let sample = guest.vcpu.sample();
     assert_eq!(sample.exits.mmio_write, 1);
     assert_eq!(sample.exits.unclaimed, 1);
-    let _ = &guest.mem;
 }

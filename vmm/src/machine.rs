@@ -39,6 +39,9 @@ pub enum ExitReason {
     Fatal(VcpuError),
     /// Kiln was told to stop by this signal.
     Signal(i32),
+    /// Every thread that reports to the control loop ended without saying why (a Kiln bug: the
+    /// signal watcher never ends on its own).
+    EventSourcesGone,
 }
 
 /// What the control loop hears about.
@@ -139,14 +142,7 @@ fn control_loop(rx: &Receiver<VmmEvent>, handles: &[VcpuHandle]) -> ExitReason {
                     request(handle, &handle.requests.sample);
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return ExitReason::Fatal(VcpuError::Fatal(crate::vstate::vcpu::FatalExit {
-                    cpu: 0,
-                    reason: "every vCPU thread ended".into(),
-                    rip: None,
-                    instruction: None,
-                }))
-            }
+            Err(RecvTimeoutError::Disconnected) => return ExitReason::EventSourcesGone,
         }
     }
 }

@@ -74,6 +74,10 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("kiln: stopped by signal {signal}");
             ExitCode::from(128u8.saturating_add(signal as u8))
         }
+        Ok(ExitReason::EventSourcesGone) => fail(
+            EXIT_FAILURE,
+            "internal error: every thread reporting to the control loop ended",
+        ),
         Err(e) => fail(EXIT_FAILURE, format!("starting the VM: {e}")),
     }
 }
