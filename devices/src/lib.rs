@@ -6,5 +6,6 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
 
 pub use bus::{Bus, BusDevice, BusError};
