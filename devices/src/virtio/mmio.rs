@@ -1,0 +1,737 @@
+//! The virtio-mmio transport, register layout version 2 (virtio 1.x, 4.2.2).
+//!
+//! The transport owns what the driver configures (status, features, queue addresses and sizes)
+//! and hands a snapshot of the queues to the device on DRIVER_OK. It runs on vCPU threads; the
+//! device's data path does not: QueueNotify writes normally never reach it because KVM turns them
+//! into writes of the queue's ioeventfd. When one does arrive here (an access KVM did not match,
+//! or no KVM at all in tests), the transport writes the same eventfd itself.
+//!
+//! Invariants:
+//! - the device only ever sees features it offered, and only after FEATURES_OK was accepted;
+//! - queue registers change only between FEATURES_OK and DRIVER_OK;
+//! - the device is activated at most once per reset, and only with queues that are valid in guest
+//!   memory.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{features, status, Interrupt, VirtioDevice};
+use crate::BusDevice;
+
+/// Size of one device's MMIO window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+/// "virt" in little-endian.
+const MAGIC_VALUE: u32 = 0x7472_6976;
+/// Register layout version 2: virtio 1.x (non-legacy).
+const MMIO_VERSION: u32 = 2;
+/// Vendor id reported to the guest ("KILN").
+const VENDOR_ID: u32 = 0x4e4c_494b;
+
+/// Register offsets.
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Offset of QueueNotify inside the window, for registering ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
+
+/// A device behind the transport, shared with the event loop that runs its data path.
+pub type SharedVirtioDevice = Arc<Mutex<dyn VirtioDevice>>;
+
+/// One virtio-mmio device window.
+pub struct MmioTransport {
+    device: SharedVirtioDevice,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    /// Offered features, cached: the device's offer never changes.
+    avail_features: u64,
+    acked_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a transport. `interrupt` wraps the irqfd of the device's GSI.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: SharedVirtioDevice,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        let (avail_features, queues) = {
+            let dev = lock(&device);
+            let queues = dev
+                .queue_max_sizes()
+                .iter()
+                .filter_map(|&max| Queue::new(max).ok())
+                .collect();
+            (dev.avail_features(), queues)
+        };
+        Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            avail_features,
+            acked_features: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    /// The device's interrupt line.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &SharedVirtioDevice {
+        &self.device
+    }
+
+    /// The Status register as the guest reads it.
+    pub fn status(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Records that the device changed its config space (e.g. a new disk size) and tells the guest.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.signal_config_change();
+        }
+    }
+
+    fn has_status(&self, bits: u32) -> bool {
+        self.status & bits == bits
+    }
+
+    /// Queue registers may change only while the driver is setting up: after FEATURES_OK and
+    /// before DRIVER_OK (virtio 1.x, 3.1.1).
+    fn queue_setup_allowed(&self) -> bool {
+        self.has_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
+            && self.status & (status::DRIVER_OK | status::FAILED) == 0
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => MAGIC_VALUE,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => lock(&self.device).device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.avail_features as u32,
+                1 => (self.avail_features >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            reg::QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
+            reg::QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
+            reg::QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
+            reg::QUEUE_DRIVER_HIGH => queue.map_or(0, |q| (q.avail_ring() >> 32) as u32),
+            reg::QUEUE_DEVICE_LOW => queue.map_or(0, |q| q.used_ring() as u32),
+            reg::QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status(),
+            // No shared memory regions: a length of all ones says "none" (virtio 1.2, 4.2.2).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => self.write_driver_features(value),
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NOTIFY => self.notify(value),
+            reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            reg::STATUS => self.write_status(value),
+            reg::SHM_SEL => {}
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
+            _ => {}
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        // Features may only be written between DRIVER and FEATURES_OK.
+        if !self.has_status(status::ACKNOWLEDGE | status::DRIVER)
+            || self.status & status::FEATURES_OK != 0
+        {
+            return;
+        }
+        let (shift, mask) = match self.driver_features_sel {
+            0 => (0, 0xffff_ffffu64),
+            1 => (32, 0xffff_ffff_0000_0000u64),
+            _ => return,
+        };
+        // Bits the device did not offer are dropped here, so they can never reach the device.
+        self.acked_features =
+            (self.acked_features & !mask) | ((u64::from(value) << shift) & self.avail_features);
+    }
+
+    fn write_queue_register(&mut self, offset: u64, value: u32) {
+        if !self.queue_setup_allowed() {
+            return;
+        }
+        let Some(queue) = self.selected_queue() else {
+            return;
+        };
+        match offset {
+            // Queue rejects sizes that are zero, too big or not a power of two; its size then stays
+            // as it was and `is_valid` decides at DRIVER_OK.
+            reg::QUEUE_NUM => {
+                let _ = queue.try_set_size(value.try_into().unwrap_or(0));
+            }
+            reg::QUEUE_READY => queue.set_ready(value == 1),
+            reg::QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
+            reg::QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
+            reg::QUEUE_DRIVER_LOW => queue.set_avail_ring_address(Some(value), None),
+            reg::QUEUE_DRIVER_HIGH => queue.set_avail_ring_address(None, Some(value)),
+            reg::QUEUE_DEVICE_LOW => queue.set_used_ring_address(Some(value), None),
+            reg::QUEUE_DEVICE_HIGH => queue.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+
+    fn notify(&self, value: u32) {
+        if self.status & status::DRIVER_OK == 0 {
+            return;
+        }
+        let device = lock(&self.device);
+        if let Some(evt) = device.queue_events().get(value as usize) {
+            let _ = evt.write(1);
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver sets bits one step at a time and never clears one except by writing 0
+        // (virtio 1.x, 3.1.1); anything else is ignored.
+        if value & self.status != self.status {
+            return;
+        }
+        let new_bits = value & !self.status;
+        if new_bits & status::FAILED != 0 {
+            self.status |= status::FAILED;
+            return;
+        }
+        let allowed = match self.status {
+            0 => status::ACKNOWLEDGE,
+            s if s == status::ACKNOWLEDGE => status::DRIVER,
+            s if s == status::ACKNOWLEDGE | status::DRIVER => status::FEATURES_OK,
+            s if s == status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK => {
+                status::DRIVER_OK
+            }
+            _ => 0,
+        };
+        if new_bits != allowed {
+            return;
+        }
+        match new_bits {
+            status::FEATURES_OK => {
+                // A version 2 transport only speaks to virtio 1.x drivers; leaving FEATURES_OK
+                // unset tells the driver its feature set was refused.
+                if self.acked_features & features::VERSION_1 == 0 {
+                    return;
+                }
+                lock(&self.device).set_acked_features(self.acked_features);
+                let event_idx = self.acked_features & features::RING_EVENT_IDX != 0;
+                for queue in &mut self.queues {
+                    queue.set_event_idx(event_idx);
+                }
+            }
+            status::DRIVER_OK => {
+                self.status |= status::DRIVER_OK;
+                self.activate();
+                return;
+            }
+            _ => {}
+        }
+        self.status |= new_bits;
+    }
+
+    /// Hands the ready queues to the device. A queue that is not valid in guest memory, or a
+    /// device that refuses to start, leaves the device in DEVICE_NEEDS_RESET rather than running
+    /// on a broken setup.
+    fn activate(&mut self) {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for queue in &self.queues {
+            if !queue.ready() || !queue.is_valid(&self.mem) {
+                self.interrupt.signal_needs_reset();
+                return;
+            }
+            match Queue::try_from(queue.state()) {
+                Ok(q) => queues.push(q),
+                Err(_) => {
+                    self.interrupt.signal_needs_reset();
+                    return;
+                }
+            }
+        }
+        let mut device = lock(&self.device);
+        if device.is_activated() {
+            return;
+        }
+        if let Err(e) = device.activate(self.mem.clone(), self.interrupt.clone(), queues) {
+            eprintln!("kiln: virtio device type {}: {e}", device.device_type());
+            drop(device);
+            self.interrupt.signal_needs_reset();
+        }
+    }
+
+    fn reset(&mut self) {
+        lock(&self.device).reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.interrupt.reset();
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            lock(&self.device).read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        // Registers are 32 bits wide and must be accessed as such (virtio 1.x, 4.2.2.2).
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            // Config writes are only meaningful to a driver that is setting the device up or
+            // running it, never before the driver has acknowledged the device.
+            if self.status & status::DRIVER != 0 {
+                lock(&self.device).write_config(offset - reg::CONFIG, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset.is_multiple_of(4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+/// Locks a device, recovering a poisoned lock (see [`crate::bus`]: a panic elsewhere has already
+/// ended the VMM's useful life).
+pub fn lock(device: &SharedVirtioDevice) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::ActivateError;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// A device that records what the transport tells it.
+    struct FakeDevice {
+        evts: Vec<EventFd>,
+        acked: u64,
+        activated: Option<usize>,
+        resets: u32,
+        config: [u8; 8],
+        refuse: bool,
+    }
+
+    impl FakeDevice {
+        fn new() -> Self {
+            Self {
+                evts: vec![
+                    EventFd::new(EFD_NONBLOCK).unwrap(),
+                    EventFd::new(EFD_NONBLOCK).unwrap(),
+                ],
+                acked: 0,
+                activated: None,
+                resets: 0,
+                config: [1, 2, 3, 4, 5, 6, 7, 8],
+                refuse: false,
+            }
+        }
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
+        fn avail_features(&self) -> u64 {
+            features::VERSION_1 | features::RING_EVENT_IDX | 1
+        }
+        fn set_acked_features(&mut self, acked: u64) {
+            self.acked = acked;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if let Some(dst) = self
+                .config
+                .get_mut(offset as usize..offset as usize + data.len())
+            {
+                dst.copy_from_slice(data);
+            }
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _interrupt: Arc<Interrupt>,
+            queues: Vec<Queue>,
+        ) -> Result<(), ActivateError> {
+            if self.refuse {
+                return Err(ActivateError::QueueCount {
+                    expected: 9,
+                    given: queues.len(),
+                });
+            }
+            self.activated = Some(queues.len());
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.activated = None;
+            self.resets += 1;
+        }
+        fn is_activated(&self) -> bool {
+            self.activated.is_some()
+        }
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let device = Arc::new(Mutex::new(FakeDevice::new()));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        (MmioTransport::new(mem, device.clone(), interrupt), device)
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features: u64) {
+        write(t, reg::STATUS, status::ACKNOWLEDGE);
+        write(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(t, reg::DRIVER_FEATURES_SEL, 0);
+        write(t, reg::DRIVER_FEATURES, features as u32);
+        write(t, reg::DRIVER_FEATURES_SEL, 1);
+        write(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        write(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
+        write(t, reg::QUEUE_SEL, index);
+        write(t, reg::QUEUE_NUM, 16);
+        write(t, reg::QUEUE_DESC_LOW, base as u32);
+        write(t, reg::QUEUE_DRIVER_LOW, (base + 0x100) as u32);
+        write(t, reg::QUEUE_DEVICE_LOW, (base + 0x200) as u32);
+        write(t, reg::QUEUE_READY, 1);
+    }
+
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = setup();
+        assert_eq!(read(&mut t, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(read(&mut t, reg::VERSION), 2);
+        assert_eq!(read(&mut t, reg::DEVICE_ID), 2);
+        assert_eq!(read(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        write(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, reg::DEVICE_FEATURES), 1);
+        write(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(read(&mut t, reg::DEVICE_FEATURES), (1 << 29) | 1);
+        write(&mut t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(read(&mut t, reg::DEVICE_FEATURES), 0);
+        write(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(read(&mut t, reg::QUEUE_NUM_MAX), 16);
+        write(&mut t, reg::QUEUE_SEL, 2);
+        assert_eq!(read(&mut t, reg::QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn full_bring_up_activates_with_negotiated_features() {
+        let (mut t, dev) = setup();
+        // Bit 40 was never offered: it must not reach the device.
+        negotiate(
+            &mut t,
+            features::VERSION_1 | features::RING_EVENT_IDX | (1 << 40),
+        );
+        assert_eq!(
+            dev.lock().unwrap().acked,
+            features::VERSION_1 | features::RING_EVENT_IDX
+        );
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 1);
+        assert_eq!(read(&mut t, reg::QUEUE_DESC_LOW), 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(read(&mut t, reg::STATUS), ALL_OK);
+        assert_eq!(dev.lock().unwrap().activated, Some(2));
+    }
+
+    #[test]
+    fn driver_without_version_1_is_refused() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, 1);
+        assert_eq!(
+            read(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+        assert_eq!(dev.lock().unwrap().acked, 0);
+    }
+
+    #[test]
+    fn out_of_order_status_writes_are_ignored() {
+        let (mut t, dev) = setup();
+        // Straight to DRIVER_OK.
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        // Skipping DRIVER.
+        write(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, reg::STATUS), status::ACKNOWLEDGE);
+        // Clearing a bit without a reset.
+        write(&mut t, reg::STATUS, status::DRIVER);
+        assert_eq!(read(&mut t, reg::STATUS), status::ACKNOWLEDGE);
+        assert!(dev.lock().unwrap().activated.is_none());
+        // FAILED is accepted at any time.
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::FAILED);
+        assert_eq!(
+            read(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::FAILED
+        );
+    }
+
+    #[test]
+    fn queue_registers_are_frozen_outside_setup() {
+        let (mut t, _) = setup();
+        // Before FEATURES_OK.
+        write(&mut t, reg::QUEUE_SEL, 0);
+        write(&mut t, reg::QUEUE_DESC_LOW, 0x5000);
+        assert_eq!(read(&mut t, reg::QUEUE_DESC_LOW), 0);
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        // After DRIVER_OK.
+        write(&mut t, reg::QUEUE_SEL, 0);
+        write(&mut t, reg::QUEUE_DESC_LOW, 0x5000);
+        assert_eq!(read(&mut t, reg::QUEUE_DESC_LOW), 0x1000);
+    }
+
+    #[test]
+    fn queue_outside_memory_needs_reset() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        // Past the end of the 1 MiB of guest memory.
+        setup_queue(&mut t, 1, 0x20_0000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(dev.lock().unwrap().activated.is_none());
+        assert_ne!(read(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(
+            read(&mut t, reg::INTERRUPT_STATUS) & super::super::INT_CONFIG,
+            0
+        );
+        // A reset clears it.
+        write(&mut t, reg::STATUS, 0);
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn queue_not_ready_or_bad_size_needs_reset() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        write(&mut t, reg::QUEUE_SEL, 1);
+        write(&mut t, reg::QUEUE_NUM, 17); // not a power of two: refused, size stays the max
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(dev.lock().unwrap().activated.is_none());
+        assert_ne!(read(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn activation_refused_by_device_needs_reset() {
+        let (mut t, dev) = setup();
+        dev.lock().unwrap().refuse = true;
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert_ne!(read(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn reset_resets_device_and_queues() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        write(&mut t, reg::STATUS, 0);
+        let d = dev.lock().unwrap();
+        assert_eq!(d.resets, 1);
+        assert!(d.activated.is_none());
+        drop(d);
+        write(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 0);
+        assert_eq!(read(&mut t, reg::QUEUE_DESC_LOW), 0);
+        // And the device can be brought up again.
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(dev.lock().unwrap().activated, Some(2));
+    }
+
+    #[test]
+    fn notify_falls_back_to_the_queue_eventfd() {
+        let (mut t, dev) = setup();
+        write(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert!(
+            dev.lock().unwrap().evts[1].read().is_err(),
+            "no notify before DRIVER_OK"
+        );
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        setup_queue(&mut t, 1, 0x2000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        write(&mut t, reg::QUEUE_NOTIFY, 1);
+        write(&mut t, reg::QUEUE_NOTIFY, 99);
+        assert_eq!(dev.lock().unwrap().evts[1].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn interrupt_ack_and_config_space() {
+        let (mut t, dev) = setup();
+        t.interrupt().signal_used_queue();
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), 1);
+        write(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), 0);
+
+        let mut byte = [0u8; 1];
+        t.read(reg::CONFIG + 2, &mut byte);
+        assert_eq!(byte, [3]);
+        // Config writes before the driver is there are dropped.
+        t.write(reg::CONFIG, &[9]);
+        assert_eq!(dev.lock().unwrap().config[0], 1);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        t.write(reg::CONFIG, &[9]);
+        assert_eq!(dev.lock().unwrap().config[0], 9);
+        let gen = read(&mut t, reg::CONFIG_GENERATION);
+        t.config_changed();
+        assert_eq!(read(&mut t, reg::CONFIG_GENERATION), gen + 1);
+    }
+
+    #[test]
+    fn odd_widths_and_offsets_are_harmless() {
+        let (mut t, _) = setup();
+        let mut one = [0xffu8; 1];
+        t.read(reg::MAGIC, &mut one);
+        assert_eq!(one, [0]);
+        let mut four = [0xffu8; 4];
+        t.read(reg::MAGIC + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        t.write(reg::STATUS, &[1]);
+        t.write(reg::STATUS + 2, &1u32.to_le_bytes());
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+        t.read(0xfff, &mut one);
+        t.write(u64::MAX, &[0; 8]);
+    }
+}

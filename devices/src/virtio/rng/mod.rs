@@ -1,0 +1,322 @@
+//! virtio-rng (virtio 1.x, 5.4): the guest posts writable buffers, the device fills them with
+//! bytes from the host's getrandom(2).
+//!
+//! Invariants: at most [`MAX_BYTES_PER_REQUEST`] bytes are produced per buffer, whatever length the
+//! guest claims, so a guest cannot make the VMM allocate or spin on a huge request; the rate
+//! limiter is charged for every byte before it is produced.
+
+mod event_handler;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::guest_errors::GuestErrorLog;
+use super::{
+    device_type, drain_queue, features, ActivateError, ChainOutcome, Interrupt, VirtioDevice,
+};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
+
+/// The request queue's size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most bytes produced for one buffer (Linux asks for at most a page or so at a time).
+pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// Errors in creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// An eventfd could not be created.
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// The rate limiter could not be created.
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+/// What went wrong with one guest request.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("buffer is not writable or not in guest memory: {0}")]
+    Buffer(virtio_queue::Error),
+    #[error("host getrandom failed: {0}")]
+    Entropy(getrandom::Error),
+    #[error("writing to the guest buffer: {0}")]
+    Write(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+}
+
+/// The entropy device.
+pub struct Rng {
+    queue_evts: [EventFd; 1],
+    activate_evt: EventFd,
+    rate_limiter: RateLimiter,
+    acked_features: u64,
+    active: Option<Active>,
+    errors: GuestErrorLog,
+    /// Bytes handed to the guest so far.
+    bytes_served: u64,
+}
+
+impl Rng {
+    /// Creates the device, limited by `rate_limit`.
+    pub fn new(rate_limit: &RateLimiterConfig) -> Result<Self, RngError> {
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd);
+        Ok(Self {
+            queue_evts: [eventfd()?],
+            activate_evt: eventfd()?,
+            rate_limiter: RateLimiter::new(rate_limit)?,
+            acked_features: 0,
+            active: None,
+            errors: GuestErrorLog::default(),
+            bytes_served: 0,
+        })
+    }
+
+    /// Bytes handed to the guest so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes_served
+    }
+
+    /// Serves every available buffer the rate limiter allows, then interrupts the guest if it
+    /// asked to be told.
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let rate_limiter = &mut self.rate_limiter;
+        let errors = &mut self.errors;
+        let bytes_served = &mut self.bytes_served;
+        let result = drain_queue(&mut active.queue, mem, &active.interrupt, |chain| {
+            let mut writer = match chain.writer(mem) {
+                Ok(w) => w,
+                Err(e) => {
+                    errors.record("virtio-rng", &RequestError::Buffer(e));
+                    return ChainOutcome::Used(0);
+                }
+            };
+            let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+            if len > 0 && !rate_limiter.consume(len as u64, TokenType::Bytes) {
+                // Retried when the limiter's timer fires.
+                return ChainOutcome::Retry;
+            }
+            match fill_random(&mut writer, len) {
+                Ok(()) => {
+                    *bytes_served += len as u64;
+                    ChainOutcome::Used(len as u32)
+                }
+                Err(e) => {
+                    errors.record("virtio-rng", &e);
+                    ChainOutcome::Used(0)
+                }
+            }
+        });
+        match result {
+            Ok(drained) if drained.more => {
+                let _ = self.queue_evts[0].write(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.errors.record("virtio-rng", &e);
+                active.interrupt.signal_needs_reset();
+                self.active = None;
+            }
+        }
+    }
+}
+
+/// Writes `len` random bytes to `writer`, a page at a time.
+fn fill_random(writer: &mut impl Write, mut len: usize) -> Result<(), RequestError> {
+    let mut buf = [0u8; 4096];
+    while len > 0 {
+        let n = len.min(buf.len());
+        getrandom::fill(&mut buf[..n]).map_err(RequestError::Entropy)?;
+        writer.write_all(&buf[..n]).map_err(RequestError::Write)?;
+        len -= n;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // virtio-rng has no config space.
+        super::read_config_bytes(&[], offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                given: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Wake(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+    }
+
+    fn activate(rng: &mut Rng, mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) {
+        let int = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let queue: Queue = vq.create_queue().unwrap();
+        rng.activate(mem.clone(), int, vec![queue]).unwrap();
+    }
+
+    fn used_len(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> u32 {
+        mem.read_obj(vq.used_addr().unchecked_add(4 + 8 * i + 4))
+            .unwrap()
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            0x10_0000, 64, WRITE, 0,
+        ))];
+        vq.build_desc_chain(&descs).unwrap();
+        let mut rng = Rng::new(&RateLimiterConfig::default()).unwrap();
+        activate(&mut rng, &mem, &vq);
+        rng.process_queue();
+        assert_eq!(used_len(&mem, &vq, 0), 64);
+        let mut out = [0u8; 64];
+        mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
+        assert_ne!(out, [0u8; 64]);
+        assert_eq!(rng.bytes_served(), 64);
+    }
+
+    #[test]
+    fn huge_buffers_are_capped() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let descs = [RawDescriptor::from(SplitDescriptor::new(
+            0x10_0000, 0x80_0000, WRITE, 0,
+        ))];
+        vq.build_desc_chain(&descs).unwrap();
+        let mut rng = Rng::new(&RateLimiterConfig::default()).unwrap();
+        activate(&mut rng, &mem, &vq);
+        rng.process_queue();
+        assert_eq!(used_len(&mem, &vq, 0), MAX_BYTES_PER_REQUEST as u32);
+    }
+
+    #[test]
+    fn read_only_or_outside_buffers_get_nothing() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_0000, 64, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0xfff_0000, 64, WRITE, 0)),
+        ];
+        vq.build_multiple_desc_chains(&descs).unwrap();
+        let mut rng = Rng::new(&RateLimiterConfig::default()).unwrap();
+        activate(&mut rng, &mem, &vq);
+        rng.process_queue();
+        assert_eq!(used_len(&mem, &vq, 0), 0);
+        assert_eq!(used_len(&mem, &vq, 1), 0);
+        let mut out = [0xaau8; 64];
+        mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(out, [0u8; 64], "a read-only buffer must not be written");
+        assert!(rng.is_activated());
+    }
+
+    #[test]
+    fn broken_avail_index_needs_reset() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut rng = Rng::new(&RateLimiterConfig::default()).unwrap();
+        activate(&mut rng, &mem, &vq);
+        // 100 entries "available" in a 16-entry ring.
+        vq.avail().idx().store(100);
+        rng.process_queue();
+        assert!(!rng.is_activated());
+    }
+
+    #[test]
+    fn rate_limited_requests_wait() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_0000, 1000, WRITE, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x20_0000, 1000, WRITE, 0)),
+        ];
+        vq.build_multiple_desc_chains(&descs).unwrap();
+        let limit = RateLimiterConfig {
+            bandwidth: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 1000,
+                one_time_burst: None,
+                refill_time: 100_000,
+            }),
+            ops: None,
+        };
+        let mut rng = Rng::new(&limit).unwrap();
+        activate(&mut rng, &mem, &vq);
+        rng.process_queue();
+        assert_eq!(used_len(&mem, &vq, 0), 1000);
+        assert_eq!(
+            vq.used().idx().load(),
+            1,
+            "the second buffer waits for tokens"
+        );
+        assert_eq!(rng.bytes_served(), 1000);
+    }
+}
