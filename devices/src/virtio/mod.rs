@@ -14,6 +14,7 @@
 pub mod block;
 pub mod guest_errors;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
