@@ -1,4 +1,7 @@
-//! Assembles a microVM, top to bottom: memory → boot images → VM → devices → vCPUs.
+//! Assembles a microVM, top to bottom: memory → VM → devices → boot images → vCPUs.
+//!
+//! Devices come before the boot images because the command line names them (virtio-mmio slots,
+//! the root drive).
 
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
@@ -10,6 +13,7 @@ use crate::arch::x86_64::pvh;
 use crate::arch::x86_64::regs::EntryPoint;
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host_quirks::HostQuirks;
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::machine::MicroVm;
@@ -48,6 +52,9 @@ pub enum BuildError {
     /// Devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    /// The event loop that runs the devices.
+    #[error("creating the device event loop: {0}")]
+    EventLoop(#[from] EventLoopError),
     /// vCPUs.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -59,7 +66,7 @@ impl BuildError {
         matches!(
             self,
             Self::Memory(MemoryError::Layout(_)) | Self::Loader(_) | Self::Console { .. }
-        )
+        ) || matches!(self, Self::Devices(e) if e.is_bad_input())
     }
 }
 
@@ -71,11 +78,24 @@ pub fn choose_entry(kernel: &LoadedKernel, quirks: &HostQuirks) -> EntryPoint {
     }
 }
 
-/// Loads kernel, initrd and command line and writes the boot tables; returns the entry point.
+/// The command line parameters the devices add: the root drive and every virtio-mmio slot.
+fn device_cmdline_params(config: &VmConfig, devices: &DeviceManager) -> Vec<String> {
+    let root = config.drives.first().filter(|d| d.root).map(|d| {
+        // The root drive is attached first, so the guest names it vda.
+        format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" })
+    });
+    root.into_iter()
+        .chain(devices.virtio_slots.iter().map(|s| s.cmdline_param()))
+        .collect()
+}
+
+/// Loads kernel, initrd and command line (the user's, then `extra_params`) and writes the boot
+/// tables; returns the entry point.
 fn load_boot_images(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     quirks: &HostQuirks,
+    extra_params: &[String],
 ) -> Result<EntryPoint, BuildError> {
     let kernel = loader::load_kernel(mem, &config.kernel)?;
     let initrd = config
@@ -84,7 +104,9 @@ fn load_boot_images(
         .map(|path| loader::load_initrd(mem, path, low_ram_end(config.mem_bytes()), kernel.end))
         .transpose()?;
     let cmdline = loader::build_cmdline(
-        std::iter::once(config.cmdline.as_str()).chain(quirks.guest_cmdline()),
+        std::iter::once(config.cmdline.as_str())
+            .chain(quirks.guest_cmdline())
+            .chain(extra_params.iter().map(String::as_str)),
     )?;
     let (cmdline_addr, cmdline_len) = loader::load_cmdline(mem, &cmdline)?;
     let entry = choose_entry(&kernel, quirks);
@@ -115,8 +137,6 @@ pub fn build_microvm(
     quirks: &HostQuirks,
 ) -> Result<MicroVm, BuildError> {
     let mem = memory::create_guest_memory(config.mem_bytes())?;
-    let entry = load_boot_images(&mem, config, quirks)?;
-
     let vm = Vm::new(kvm)?;
     vm.register_memory(&mem)?;
 
@@ -127,7 +147,24 @@ pub fn build_microvm(
             path: format!("{:?}", config.console),
             source,
         })?;
-    let devices = DeviceManager::new(&vm, console_out)?;
+    let mut devices = DeviceManager::new(&vm, console_out)?;
+    for drive in &config.drives {
+        devices.attach_drive(&vm, &mem, drive)?;
+    }
+    for net in &config.nets {
+        devices.attach_net(&vm, &mem, net)?;
+    }
+    if let Some(rng) = &config.rng {
+        devices.attach_rng(&vm, &mem, rng)?;
+    }
+    let event_loop = EventLoop::new(&devices.subscribers)?;
+
+    let entry = load_boot_images(
+        &mem,
+        config,
+        quirks,
+        &device_cmdline_params(config, &devices),
+    )?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
@@ -148,7 +185,7 @@ pub fn build_microvm(
         }
         vcpus.push(vcpu);
     }
-    Ok(MicroVm::new(vm, mem, devices, vcpus))
+    Ok(MicroVm::new(vm, mem, devices, event_loop, vcpus))
 }
 
 #[cfg(test)]

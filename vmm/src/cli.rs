@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConsoleConfig;
+use crate::device_config::{DriveConfig, NetConfig, RngConfig};
 
 /// Kiln: a KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -44,6 +45,18 @@ pub struct RunArgs {
     /// Where the serial console goes: stdout, file:PATH or none.
     #[arg(long, default_value = "stdout", value_name = "DEST")]
     pub console: ConsoleConfig,
+    /// A virtio block device (repeatable; the guest sees them as vda, vdb... with the root drive
+    /// first): path=FILE[,id=ID][,ro][,root][,bw_size=B,bw_refill_time=MS,ops_size=N,...].
+    #[arg(long = "drive", value_name = "OPTS")]
+    pub drives: Vec<DriveConfig>,
+    /// A virtio network interface on a host TAP device (repeatable):
+    /// tap=NAME[,id=ID][,mac=MAC][,mtu=N][,rx_bw_size=B,...][,tx_ops_size=N,...].
+    #[arg(long = "net", value_name = "OPTS")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio entropy device (/dev/hwrng in the guest), optionally rate limited:
+    /// [bw_size=B,bw_refill_time=MS,...].
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Option<RngConfig>,
 }
 
 #[cfg(test)]
@@ -87,6 +100,29 @@ mod tests {
         assert_eq!(run.cmdline.as_deref(), Some("a=b c"));
         assert_eq!((run.vcpus, run.mem_mib), (2, 256));
         assert_eq!(run.console, ConsoleConfig::File("/tmp/out".into()));
+        assert!(run.drives.is_empty() && run.nets.is_empty() && run.rng.is_none());
+    }
+
+    #[test]
+    fn devices() {
+        let run = parse(&[
+            "run",
+            "--drive",
+            "path=/r.ext4,root",
+            "--rng",
+            "--drive",
+            "path=/d.img,ro,id=data",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:01",
+        ])
+        .unwrap();
+        assert_eq!(run.drives.len(), 2);
+        assert!(run.drives[0].root && !run.drives[0].read_only);
+        assert_eq!(run.drives[1].id.as_deref(), Some("data"));
+        assert_eq!(run.nets[0].tap, "tap0");
+        assert_eq!(run.rng, Some(RngConfig::default()));
+        let limited = parse(&["run", "--rng", "bw_size=1000,bw_refill_time=100"]).unwrap();
+        assert!(limited.rng.unwrap().rate_limiter.bandwidth.is_some());
     }
 
     #[test]
@@ -96,6 +132,10 @@ mod tests {
             &["run", "--vcpus", "two"],
             &["run", "--mem-mib", "-1"],
             &["run", "--console", "tty"],
+            &["run", "--drive", "ro"],
+            &["run", "--drive", "path=/x,bogus"],
+            &["run", "--net", "mac=02:00:00:00:00:01"],
+            &["run", "--rng", "bw_size=x"],
             &[],
         ] {
             let err = parse(args).unwrap_err();

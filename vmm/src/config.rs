@@ -6,8 +6,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::arch::x86_64::layout::MIN_MEM_SIZE;
+use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MIN_MEM_SIZE};
 use crate::arch::x86_64::mptable;
+use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+
+/// Most virtio devices a guest can have: one interrupt line each.
+pub const MAX_VIRTIO_DEVICES: usize = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
 
 /// The kernel command line used when the user gives none: serial console, reset through the
 /// keyboard controller on reboot (which ends the microVM), reboot 1 s after a panic, no PCI probe.
@@ -71,6 +75,15 @@ pub enum ConfigError {
     /// Memory beyond what the host has.
     #[error("--mem-mib {requested}: the host has only {host} MiB of memory")]
     MemoryTooLarge { requested: u64, host: u64 },
+    /// More than one drive marked root.
+    #[error("drives {first} and {second} are both marked root; only one can be")]
+    MultipleRoots { first: String, second: String },
+    /// Two devices share an id.
+    #[error("two devices have the id '{0}'")]
+    DuplicateId(String),
+    /// More devices than interrupt lines.
+    #[error("{0} virtio devices asked for; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooManyDevices(usize),
 }
 
 /// What the host allows.
@@ -107,6 +120,12 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Serial console destination.
     pub console: ConsoleConfig,
+    /// Block devices, the root drive (if any) first so the guest names it /dev/vda; every id set.
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces; every id set.
+    pub nets: Vec<NetConfig>,
+    /// The entropy device, if any.
+    pub rng: Option<RngConfig>,
 }
 
 /// A configuration as given, before validation.
@@ -124,6 +143,12 @@ pub struct VmConfigRequest {
     pub mem_mib: u64,
     /// Console.
     pub console: ConsoleConfig,
+    /// Block devices in the order given.
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces in the order given.
+    pub nets: Vec<NetConfig>,
+    /// The entropy device.
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfigRequest {
@@ -148,6 +173,11 @@ impl VmConfigRequest {
                 host: limits.mem_mib,
             });
         }
+        let count = self.drives.len() + self.nets.len() + usize::from(self.rng.is_some());
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
+        }
+        let (drives, nets) = name_devices(self.drives, self.nets)?;
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -155,8 +185,44 @@ impl VmConfigRequest {
             vcpus,
             mem_mib: self.mem_mib,
             console: self.console,
+            drives,
+            nets,
+            rng: self.rng,
         })
     }
+}
+
+/// Gives unnamed devices ids (`drive0`, `net0`, ... by position), checks ids are unique and at most
+/// one drive is root, and moves the root drive first.
+fn name_devices(
+    mut drives: Vec<DriveConfig>,
+    mut nets: Vec<NetConfig>,
+) -> Result<(Vec<DriveConfig>, Vec<NetConfig>), ConfigError> {
+    for (i, drive) in drives.iter_mut().enumerate() {
+        drive.id.get_or_insert_with(|| format!("drive{i}"));
+    }
+    for (i, net) in nets.iter_mut().enumerate() {
+        net.id.get_or_insert_with(|| format!("net{i}"));
+    }
+    let mut ids: Vec<&str> = drives
+        .iter()
+        .filter_map(|d| d.id.as_deref())
+        .chain(nets.iter().filter_map(|n| n.id.as_deref()))
+        .collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ConfigError::DuplicateId(pair[0].to_string()));
+    }
+    let roots: Vec<&DriveConfig> = drives.iter().filter(|d| d.root).collect();
+    if let [first, second, ..] = roots[..] {
+        return Err(ConfigError::MultipleRoots {
+            first: first.id.clone().unwrap_or_default(),
+            second: second.id.clone().unwrap_or_default(),
+        });
+    }
+    // Stable: the other drives keep their order, so the guest's vdb, vdc... follow the command line.
+    drives.sort_by_key(|d| !d.root);
+    Ok((drives, nets))
 }
 
 impl VmConfig {
@@ -183,7 +249,64 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             console: ConsoleConfig::Stdout,
+            drives: Vec::new(),
+            nets: Vec::new(),
+            rng: None,
         }
+    }
+
+    #[test]
+    fn devices_are_named_and_root_goes_first() {
+        let config = VmConfigRequest {
+            drives: vec![
+                "path=/a".parse().unwrap(),
+                "path=/b,root".parse().unwrap(),
+                "path=/c,id=data".parse().unwrap(),
+            ],
+            nets: vec!["tap=t0".parse().unwrap()],
+            ..request()
+        }
+        .validate(LIMITS)
+        .unwrap();
+        let ids: Vec<_> = config
+            .drives
+            .iter()
+            .map(|d| d.id.clone().unwrap())
+            .collect();
+        assert_eq!(ids, ["drive1", "drive0", "data"]);
+        assert!(config.drives[0].root);
+        assert_eq!(config.nets[0].id.as_deref(), Some("net0"));
+    }
+
+    #[test]
+    fn device_conflicts() {
+        let two_roots = VmConfigRequest {
+            drives: vec![
+                "path=/a,root".parse().unwrap(),
+                "path=/b,root".parse().unwrap(),
+            ],
+            ..request()
+        };
+        assert!(matches!(
+            two_roots.validate(LIMITS),
+            Err(ConfigError::MultipleRoots { .. })
+        ));
+        let dup = VmConfigRequest {
+            drives: vec!["path=/a,id=x".parse().unwrap()],
+            nets: vec!["tap=t,id=x".parse().unwrap()],
+            ..request()
+        };
+        assert_eq!(
+            dup.validate(LIMITS),
+            Err(ConfigError::DuplicateId("x".into()))
+        );
+        let many = VmConfigRequest {
+            drives: (0..20)
+                .map(|i| format!("path=/d{i}").parse().unwrap())
+                .collect(),
+            ..request()
+        };
+        assert_eq!(many.validate(LIMITS), Err(ConfigError::TooManyDevices(20)));
     }
 
     #[test]

@@ -1,4 +1,10 @@
 //! Creates the guest's devices and wires them to the buses and to KVM's interrupt lines.
+//!
+//! Virtio devices sit on virtio-mmio transports: slot N has the 4 KiB window at
+//! `MMIO_GAP_START + N * 4 KiB` and GSI `FIRST_DEVICE_GSI + N`. The guest's notifications reach the
+//! device through an ioeventfd on the window's QueueNotify register (so a vCPU never runs device
+//! code), and the device's interrupts leave through an irqfd. The devices' event handlers are
+//! collected here for the VMM's event loop.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -7,10 +13,54 @@ use devices::legacy::{
     EventFdTrigger, SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE,
     SERIAL_PORT_LEN,
 };
+use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{Net, NetDeviceConfig, NetError, Tap, TapError};
+use devices::virtio::rng::{Rng, RngError};
+use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, BusError};
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MMIO_GAP_START};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig};
 use crate::vstate::vm::Vm;
+
+/// A device's event handler, as the VMM's event loop holds it.
+pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Where a virtio device sits: its MMIO window and interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base address of the 4 KiB register window.
+    pub base: u64,
+    /// The GSI (IOAPIC pin) its interrupts arrive on.
+    pub gsi: u32,
+}
+
+impl VirtioSlot {
+    /// The `index`th slot, or `None` when the interrupt lines have run out.
+    pub fn nth(index: usize) -> Option<Self> {
+        let index = u32::try_from(index).ok()?;
+        let gsi = FIRST_DEVICE_GSI.checked_add(index)?;
+        (gsi <= LAST_DEVICE_GSI).then(|| Self {
+            base: MMIO_GAP_START + u64::from(index) * MMIO_WINDOW_SIZE,
+            gsi,
+        })
+    }
+
+    /// The kernel command line parameter that tells the guest's virtio-mmio driver about it.
+    pub fn cmdline_param(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_WINDOW_SIZE >> 10,
+            self.base,
+            self.gsi
+        )
+    }
+}
 
 /// COM1's interrupt line.
 const SERIAL_GSI: u32 = 4;
@@ -28,9 +78,59 @@ pub enum DeviceError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM refused an ioeventfd.
+    #[error("registering the ioeventfd for queue {queue} at {addr:#x}: {source}")]
+    Ioeventfd {
+        addr: u64,
+        queue: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// Two devices claimed the same addresses.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// More virtio devices than interrupt lines.
+    #[error("no MMIO slot or interrupt line left for another virtio device")]
+    NoSlot,
+    /// A drive could not be set up (its image, usually).
+    #[error("drive {id}: {source}")]
+    Drive {
+        id: String,
+        #[source]
+        source: BlockError,
+    },
+    /// A TAP device could not be opened.
+    #[error("network interface {id}: TAP {tap}: {source}")]
+    Tap {
+        id: String,
+        tap: String,
+        #[source]
+        source: TapError,
+    },
+    /// A network device could not be set up.
+    #[error("network interface {id}: {source}")]
+    Net {
+        id: String,
+        #[source]
+        source: NetError,
+    },
+    /// The entropy device could not be set up.
+    #[error("entropy device: {0}")]
+    Rng(#[source] RngError),
+}
+
+impl DeviceError {
+    /// True when the error is about what the user gave: an image that cannot be opened or is
+    /// locked, a TAP that does not exist or is busy.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Drive {
+                source: BlockError::Disk(_),
+                ..
+            } | Self::Tap { .. }
+        )
+    }
 }
 
 /// The guest's devices, reachable through the buses the vCPUs dispatch to.
@@ -43,6 +143,10 @@ pub struct DeviceManager {
     pub console: Arc<Mutex<SerialConsole>>,
     /// Fires when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
+    /// The virtio devices' slots, in attach order.
+    pub virtio_slots: Vec<VirtioSlot>,
+    /// The virtio devices' event handlers, for the event loop.
+    pub subscribers: Vec<SharedSubscriber>,
 }
 
 impl DeviceManager {
@@ -75,6 +179,118 @@ impl DeviceManager {
             mmio_bus: Bus::new(),
             console,
             reset_evt,
+            virtio_slots: Vec::new(),
+            subscribers: Vec::new(),
         })
+    }
+
+    /// Adds a block device backed by `drive`'s image.
+    pub fn attach_drive(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        drive: &DriveConfig,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let id = drive.id.clone().unwrap_or_default();
+        let block = Block::new(&BlockConfig {
+            id: id.clone(),
+            path: drive.path.clone(),
+            read_only: drive.read_only,
+            rate_limiter: drive.rate_limiter,
+        })
+        .map_err(|source| DeviceError::Drive { id, source })?;
+        self.attach_virtio(vm, mem, block)
+    }
+
+    /// Adds a network interface on `net`'s TAP device.
+    pub fn attach_net(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        net: &NetConfig,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let id = net.id.clone().unwrap_or_default();
+        let tap = Tap::open_named(&net.tap).map_err(|source| DeviceError::Tap {
+            id: id.clone(),
+            tap: net.tap.clone(),
+            source,
+        })?;
+        let device = Net::new(NetDeviceConfig {
+            id: id.clone(),
+            tap,
+            mac: net.mac,
+            mtu: net.mtu,
+            rx_rate_limiter: net.rx_rate_limiter,
+            tx_rate_limiter: net.tx_rate_limiter,
+        })
+        .map_err(|source| DeviceError::Net { id, source })?;
+        self.attach_virtio(vm, mem, device)
+    }
+
+    /// Adds the entropy device.
+    pub fn attach_rng(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        rng: &RngConfig,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let device = Rng::new(&rng.rate_limiter).map_err(DeviceError::Rng)?;
+        self.attach_virtio(vm, mem, device)
+    }
+
+    /// Puts `device` in the next slot: transport on the MMIO bus, an ioeventfd per queue, an irqfd,
+    /// and its event handler for the event loop.
+    fn attach_virtio<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        device: D,
+    ) -> Result<VirtioSlot, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let slot = VirtioSlot::nth(self.virtio_slots.len()).ok_or(DeviceError::NoSlot)?;
+        let notify_addr = slot.base + QUEUE_NOTIFY_OFFSET;
+        for (queue, evt) in device.queue_events().iter().enumerate() {
+            // The datamatch is the queue index the driver writes to QueueNotify.
+            vm.fd()
+                .register_ioevent(evt, &IoEventAddress::Mmio(notify_addr), queue as u32)
+                .map_err(|source| DeviceError::Ioeventfd {
+                    addr: notify_addr,
+                    queue,
+                    source,
+                })?;
+        }
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.fd()
+            .register_irqfd(&irq, slot.gsi)
+            .map_err(|source| DeviceError::Irqfd {
+                gsi: slot.gsi,
+                source,
+            })?;
+        let device = Arc::new(Mutex::new(device));
+        let transport =
+            MmioTransport::new(mem.clone(), device.clone(), Arc::new(Interrupt::new(irq)));
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW_SIZE)?;
+        self.subscribers.push(device);
+        self.virtio_slots.push(slot);
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_gsis() {
+        let first = VirtioSlot::nth(0).unwrap();
+        assert_eq!((first.base, first.gsi), (0xd000_0000, 5));
+        assert_eq!(first.cmdline_param(), "virtio_mmio.device=4K@0xd0000000:5");
+        let last = VirtioSlot::nth(18).unwrap();
+        assert_eq!((last.base, last.gsi), (0xd001_2000, 23));
+        assert_eq!(VirtioSlot::nth(19), None);
+        assert_eq!(VirtioSlot::nth(usize::MAX), None);
     }
 }

@@ -1,7 +1,7 @@
 //! A built microVM and its control loop.
 //!
-//! Threads: one per vCPU (`kiln_vcpu N`), one waiting on the i8042 reset eventfd, one turning
-//! signals into events, one feeding stdin to the serial console. They all report to the control
+//! Threads: one per vCPU (`kiln_vcpu N`), the device event loop (`kiln_vmm`), one waiting on the
+//! i8042 reset eventfd, one turning signals into events, one feeding stdin to the serial console. They all report to the control
 //! loop in [`MicroVm::run`] over one channel; the control loop alone decides when the VM ends.
 
 use std::io::Read;
@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::device_manager::DeviceManager;
+use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -39,6 +40,8 @@ pub enum ExitReason {
     Fatal(VcpuError),
     /// Kiln was told to stop by this signal.
     Signal(i32),
+    /// The device event loop failed (epoll itself), so the devices stopped.
+    EventLoopFailed(event_manager::Error),
     /// Every thread that reports to the control loop ended without saying why (a Kiln bug: the
     /// signal watcher never ends on its own).
     EventSourcesGone,
@@ -49,6 +52,7 @@ enum VmmEvent {
     VcpuStopped(Result<Option<VcpuStop>, VcpuError>),
     GuestReset,
     Signal(i32),
+    EventLoopFailed(event_manager::Error),
 }
 
 struct VcpuHandle {
@@ -60,6 +64,7 @@ struct VcpuHandle {
 pub struct MicroVm {
     // Field order is drop order: vCPUs (threads) go before the VM and memory they use.
     vcpus: Vec<Vcpu>,
+    event_loop: Option<EventLoop>,
     devices: DeviceManager,
     _vm: Vm,
     _mem: GuestMemoryMmap,
@@ -71,9 +76,16 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 impl MicroVm {
     /// Assembles a microVM from its built parts.
-    pub fn new(vm: Vm, mem: GuestMemoryMmap, devices: DeviceManager, vcpus: Vec<Vcpu>) -> Self {
+    pub fn new(
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        devices: DeviceManager,
+        event_loop: EventLoop,
+        vcpus: Vec<Vcpu>,
+    ) -> Self {
         Self {
             vcpus,
+            event_loop: Some(event_loop),
             devices,
             _vm: vm,
             _mem: mem,
@@ -94,6 +106,15 @@ impl MicroVm {
         if forward_stdin {
             spawn_stdin_forwarder(self.console())?;
         }
+        let event_loop = match self.event_loop.take() {
+            Some(event_loop) => {
+                let tx = tx.clone();
+                Some(event_loop.spawn(move |e| {
+                    let _ = tx.send(VmmEvent::EventLoopFailed(e));
+                })?)
+            }
+            None => None,
+        };
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
             handles.push(spawn_vcpu(vcpu, tx.clone())?);
@@ -101,6 +122,9 @@ impl MicroVm {
         drop(tx);
         let reason = control_loop(&rx, &handles);
         stop_vcpus(&handles);
+        if let Some(event_loop) = event_loop {
+            event_loop.stop();
+        }
         if let Ok(mut console) = self.devices.console.lock() {
             console.flush();
         }
@@ -137,6 +161,7 @@ fn control_loop(rx: &Receiver<VmmEvent>, handles: &[VcpuHandle]) -> ExitReason {
                 }
             }
             Ok(VmmEvent::Signal(signal)) => return ExitReason::Signal(signal),
+            Ok(VmmEvent::EventLoopFailed(e)) => return ExitReason::EventLoopFailed(e),
             Err(RecvTimeoutError::Timeout) => {
                 for handle in handles {
                     request(handle, &handle.requests.sample);

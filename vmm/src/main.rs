@@ -31,9 +31,12 @@ fn run(args: RunArgs) -> ExitCode {
         max_vcpus: vm::max_vcpus(&kvm),
         mem_mib: HostLimits::host_mem_mib().unwrap_or(u64::MAX),
     };
+    let has_root_drive = args.drives.iter().any(|d| d.root);
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
         None => match default_guest() {
+            // With a root drive the guest boots from it: no default initramfs.
+            Ok(images) if has_root_drive => (images.vmlinux, args.initrd),
             Ok(images) => (images.vmlinux, args.initrd.or(Some(images.initramfs))),
             Err(e) => return fail(EXIT_FAILURE, e),
         },
@@ -46,6 +49,9 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         console: args.console,
+        drives: args.drives,
+        nets: args.nets,
+        rng: args.rng,
     };
     let config = match request.validate(limits) {
         Ok(config) => config,
@@ -74,6 +80,7 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("kiln: stopped by signal {signal}");
             ExitCode::from(128u8.saturating_add(signal as u8))
         }
+        Ok(ExitReason::EventLoopFailed(e)) => fail(EXIT_FAILURE, format!("device event loop: {e}")),
         Ok(ExitReason::EventSourcesGone) => fail(
             EXIT_FAILURE,
             "internal error: every thread reporting to the control loop ended",

@@ -1,0 +1,350 @@
+//! Virtio device settings as the user gives them on the command line (`key=value,flag,...`),
+//! parsed into typed configs.
+//!
+//! Formats:
+//! - `--drive path=FILE[,id=ID][,ro][,root][,RATE...]`
+//! - `--net tap=NAME[,id=ID][,mac=MAC][,mtu=N][,rx_RATE...][,tx_RATE...]`
+//! - `--rng [RATE...]`
+//!
+//! where RATE is a rate limiter key (Cloud Hypervisor's names): `bw_size`, `bw_one_time_burst`,
+//! `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (sizes in bytes or
+//! operations, times in milliseconds).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use devices::rate_limiter::RateLimiterConfig;
+
+/// Errors in a device option string.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceOptionError {
+    /// A key the device does not know.
+    #[error("unknown option '{0}'")]
+    UnknownKey(String),
+    /// A required key is missing.
+    #[error("'{0}=' is required")]
+    Missing(&'static str),
+    /// A key was given twice.
+    #[error("'{0}' given twice")]
+    Repeated(String),
+    /// A value that does not parse.
+    #[error("bad value for '{key}': '{value}' ({reason})")]
+    BadValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    /// Rate limiter settings that do not fit together.
+    #[error("rate limiter: {0}")]
+    RateLimiter(String),
+}
+
+/// A block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The drive's id (also its GET_ID serial); `None` until the VM config names it.
+    pub id: Option<String>,
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse every write.
+    pub read_only: bool,
+    /// Boot from this drive: the command line gets `root=/dev/vda ro|rw`.
+    pub root: bool,
+    /// Bandwidth and IOPS limits.
+    pub rate_limiter: RateLimiterConfig,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The interface's id; `None` until the VM config names it.
+    pub id: Option<String>,
+    /// The host TAP device's name.
+    pub tap: String,
+    /// The guest's MAC address (the guest picks a random one without it).
+    pub mac: Option<[u8; 6]>,
+    /// The MTU offered to the guest.
+    pub mtu: Option<u16>,
+    /// Limits on what the guest receives.
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Limits on what the guest sends.
+    pub tx_rate_limiter: RateLimiterConfig,
+}
+
+/// The entropy device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RngConfig {
+    /// Bandwidth limit on the entropy the guest can draw.
+    pub rate_limiter: RateLimiterConfig,
+}
+
+/// Splits `a=b,c,d=e` into (key, optional value) pairs, refusing repeated keys.
+fn options(s: &str) -> Result<Vec<(&str, Option<&str>)>, DeviceOptionError> {
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for item in s.split(',').filter(|item| !item.is_empty()) {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        if seen.contains(&key) {
+            return Err(DeviceOptionError::Repeated(key.to_string()));
+        }
+        seen.push(key);
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn bad_value(key: &str, value: &str, reason: impl Into<String>) -> DeviceOptionError {
+    DeviceOptionError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn required<'a>(key: &str, value: Option<&'a str>) -> Result<&'a str, DeviceOptionError> {
+    match value {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(bad_value(key, value.unwrap_or(""), "a value is needed")),
+    }
+}
+
+fn flag(key: &str, value: Option<&str>) -> Result<bool, DeviceOptionError> {
+    match value {
+        None | Some("on") | Some("true") => Ok(true),
+        Some("off") | Some("false") => Ok(false),
+        Some(v) => Err(bad_value(key, v, "use on or off")),
+    }
+}
+
+/// Feeds a rate limiter key to `config`; `Ok(false)` when it is not a rate limiter key.
+fn rate_key(
+    config: &mut RateLimiterConfig,
+    key: &str,
+    value: Option<&str>,
+) -> Result<bool, DeviceOptionError> {
+    config
+        .parse_cli_key(key, value.unwrap_or(""))
+        .map_err(|e| bad_value(key, value.unwrap_or(""), e.to_string()))
+}
+
+fn check_rate(config: &RateLimiterConfig) -> Result<(), DeviceOptionError> {
+    config
+        .validate()
+        .map_err(|e| DeviceOptionError::RateLimiter(e.to_string()))
+}
+
+/// Checks a device id: 1..=64 characters from `[A-Za-z0-9_-]` (Firecracker's rule).
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("id '{id}' must be 1 to 64 characters long"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "id '{id}' may only contain letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_id(value: Option<&str>) -> Result<String, DeviceOptionError> {
+    let id = required("id", value)?;
+    check_id(id).map_err(|reason| bad_value("id", id, reason))?;
+    Ok(id.to_string())
+}
+
+impl FromStr for DriveConfig {
+    type Err = DeviceOptionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut path = None;
+        let mut config = DriveConfig {
+            id: None,
+            path: PathBuf::new(),
+            read_only: false,
+            root: false,
+            rate_limiter: RateLimiterConfig::default(),
+        };
+        for (key, value) in options(s)? {
+            match key {
+                "path" => path = Some(PathBuf::from(required(key, value)?)),
+                "id" => config.id = Some(parse_id(value)?),
+                "ro" | "readonly" => config.read_only = flag(key, value)?,
+                "root" => config.root = flag(key, value)?,
+                _ => {
+                    if !rate_key(&mut config.rate_limiter, key, value)? {
+                        return Err(DeviceOptionError::UnknownKey(key.to_string()));
+                    }
+                }
+            }
+        }
+        config.path = path.ok_or(DeviceOptionError::Missing("path"))?;
+        check_rate(&config.rate_limiter)?;
+        Ok(config)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or("a MAC has six parts")?;
+        if part.len() != 2 {
+            return Err("each MAC part is two hex digits".into());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| "not hex".to_string())?;
+    }
+    if parts.next().is_some() {
+        return Err("a MAC has six parts".into());
+    }
+    if mac[0] & 1 != 0 {
+        return Err("a multicast MAC cannot be an interface's address".into());
+    }
+    Ok(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = DeviceOptionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut tap = None;
+        let mut config = NetConfig {
+            id: None,
+            tap: String::new(),
+            mac: None,
+            mtu: None,
+            rx_rate_limiter: RateLimiterConfig::default(),
+            tx_rate_limiter: RateLimiterConfig::default(),
+        };
+        for (key, value) in options(s)? {
+            match key {
+                "tap" => tap = Some(required(key, value)?.to_string()),
+                "id" => config.id = Some(parse_id(value)?),
+                "mac" => {
+                    let v = required(key, value)?;
+                    config.mac = Some(parse_mac(v).map_err(|r| bad_value(key, v, r))?);
+                }
+                "mtu" => {
+                    let v = required(key, value)?;
+                    let mtu: u16 = v
+                        .parse()
+                        .map_err(|_| bad_value(key, v, "a number up to 65535"))?;
+                    if mtu < 68 {
+                        return Err(bad_value(key, v, "the smallest IPv4 MTU is 68"));
+                    }
+                    config.mtu = Some(mtu);
+                }
+                _ => {
+                    let handled = if let Some(rate) = key.strip_prefix("rx_") {
+                        rate_key(&mut config.rx_rate_limiter, rate, value)?
+                    } else if let Some(rate) = key.strip_prefix("tx_") {
+                        rate_key(&mut config.tx_rate_limiter, rate, value)?
+                    } else {
+                        false
+                    };
+                    if !handled {
+                        return Err(DeviceOptionError::UnknownKey(key.to_string()));
+                    }
+                }
+            }
+        }
+        config.tap = tap.ok_or(DeviceOptionError::Missing("tap"))?;
+        check_rate(&config.rx_rate_limiter)?;
+        check_rate(&config.tx_rate_limiter)?;
+        Ok(config)
+    }
+}
+
+impl FromStr for RngConfig {
+    type Err = DeviceOptionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut config = RngConfig::default();
+        for (key, value) in options(s)? {
+            if !rate_key(&mut config.rate_limiter, key, value)? {
+                return Err(DeviceOptionError::UnknownKey(key.to_string()));
+            }
+        }
+        check_rate(&config.rate_limiter)?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::rate_limiter::TokenBucketConfig;
+
+    #[test]
+    fn drives() {
+        let d: DriveConfig = "path=/img,ro,root,id=rootfs".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/img"));
+        assert!(d.read_only && d.root);
+        assert_eq!(d.id.as_deref(), Some("rootfs"));
+        let d: DriveConfig = "path=/img,bw_size=1000,bw_refill_time=100,ro=off"
+            .parse()
+            .unwrap();
+        assert!(!d.read_only);
+        assert_eq!(
+            d.rate_limiter.bandwidth,
+            Some(TokenBucketConfig {
+                size: 1000,
+                one_time_burst: None,
+                refill_time: 100
+            })
+        );
+    }
+
+    #[test]
+    fn bad_drives() {
+        for (s, needle) in [
+            ("ro", "'path=' is required"),
+            ("path=", "a value is needed"),
+            ("path=/a,path=/b", "given twice"),
+            ("path=/a,colour=red", "unknown option 'colour'"),
+            ("path=/a,ro=maybe", "use on or off"),
+            ("path=/a,id=a/b", "may only contain"),
+            ("path=/a,bw_size=x", "bad value for 'bw_size'"),
+        ] {
+            let err = s.parse::<DriveConfig>().unwrap_err().to_string();
+            assert!(err.contains(needle), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn nets() {
+        let n: NetConfig =
+            "tap=kiln0,mac=02:00:00:00:00:01,mtu=1400,rx_ops_size=10,rx_ops_refill_time=5"
+                .parse()
+                .unwrap();
+        assert_eq!(n.tap, "kiln0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(n.mtu, Some(1400));
+        assert!(n.rx_rate_limiter.ops.is_some());
+        assert!(n.tx_rate_limiter.ops.is_none());
+        for s in [
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00:0g",
+            "tap=t,mtu=10",
+            "tap=t,bw_size=1",
+        ] {
+            assert!(s.parse::<NetConfig>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn rng() {
+        assert_eq!("".parse::<RngConfig>().unwrap(), RngConfig::default());
+        let r: RngConfig = "bw_size=4096,bw_refill_time=1000".parse().unwrap();
+        assert!(r.rate_limiter.bandwidth.is_some());
+        assert!("tap=x".parse::<RngConfig>().is_err());
+    }
+}
