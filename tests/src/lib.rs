@@ -118,3 +118,86 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
+
+/// Writes `script` as a raw drive image for the guest's `kiln.script=/dev/vdX`: the script, then
+/// NUL padding to a whole number of 4 KiB blocks (the guest's init stops at the first NUL).
+pub fn write_script_drive(path: &std::path::Path, script: &str) {
+    let mut bytes = script.as_bytes().to_vec();
+    bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096 + 4096, 0);
+    std::fs::write(path, bytes).expect("script drive");
+}
+
+/// A network namespace that exists while this value lives, so a test's traffic never leaves it.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates namespace `name` (replacing a leftover of the same name) with loopback up.
+    pub fn create(name: &str) -> Self {
+        // A leftover of an earlier, killed run; usually there is none.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = Self {
+            name: name.to_string(),
+        };
+        run_checked(Command::new("ip").args(["netns", "add", name]));
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `argv` inside the namespace and panics if it fails.
+    pub fn run(&self, argv: &[&str]) {
+        run_checked(&mut self.command(argv));
+    }
+
+    /// A command that runs `argv` inside the namespace.
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(argv);
+        cmd
+    }
+}
+
+/// Moves the calling thread (only) into network namespace `name`: sockets it creates afterwards
+/// live there.
+pub fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+    // SAFETY: setns on an owned, open namespace fd; it changes only this thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Spawns `cmd` with no stdin and piped stdout/stderr, for [`wait_with_deadline`].
+pub fn spawn_piped(mut cmd: Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
