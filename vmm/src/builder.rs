@@ -1,7 +1,8 @@
-//! Assembles a microVM, top to bottom: memory → VM → devices → boot images → vCPUs.
+//! Assembles a microVM, top to bottom: memory → boot images → VM → device backends → console →
+//! devices → vCPUs.
 //!
-//! Devices come before the boot images because the command line names them (virtio-mmio slots,
-//! the root drive).
+//! Everything the user can get wrong (images, command line, disk files, TAPs) is checked before
+//! the console file is created, so bad input leaves nothing behind.
 
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
@@ -12,7 +13,7 @@ use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::pvh;
 use crate::arch::x86_64::regs::EntryPoint;
 use crate::config::VmConfig;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{self, DeviceError, DeviceManager, VirtioSlot};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host_quirks::HostQuirks;
 use crate::loader::{self, LoadedKernel, LoaderError};
@@ -79,14 +80,24 @@ pub fn choose_entry(kernel: &LoadedKernel, quirks: &HostQuirks) -> EntryPoint {
 }
 
 /// The command line parameters the devices add: the root drive and every virtio-mmio slot.
-fn device_cmdline_params(config: &VmConfig, devices: &DeviceManager) -> Vec<String> {
-    let root = config.drives.first().filter(|d| d.root).map(|d| {
-        // The root drive is attached first, so the guest names it vda.
-        format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" })
-    });
-    root.into_iter()
-        .chain(devices.virtio_slots.iter().map(|s| s.cmdline_param()))
-        .collect()
+///
+/// Slots are handed out in attach order (drives, root first, then nets, then rng), so they are
+/// known before any device exists: [`build_microvm`] attaches in that order.
+fn device_cmdline_params(config: &VmConfig) -> Result<Vec<String>, DeviceError> {
+    let root = config
+        .drives
+        .first()
+        .filter(|d| d.root)
+        .map(|d| format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" }));
+    let count = config.drives.len() + config.nets.len() + usize::from(config.rng.is_some());
+    let slots = (0..count)
+        .map(|i| {
+            VirtioSlot::nth(i)
+                .map(|slot| slot.cmdline_param())
+                .ok_or(DeviceError::NoSlot)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(root.into_iter().chain(slots).collect())
 }
 
 /// Loads kernel, initrd and command line (the user's, then `extra_params`) and writes the boot
@@ -137,8 +148,28 @@ pub fn build_microvm(
     quirks: &HostQuirks,
 ) -> Result<MicroVm, BuildError> {
     let mem = memory::create_guest_memory(config.mem_bytes())?;
+    let entry = load_boot_images(&mem, config, quirks, &device_cmdline_params(config)?)?;
+
     let vm = Vm::new(kvm)?;
     vm.register_memory(&mem)?;
+
+    // Device backends (images, TAPs) first: a bad one is reported before anything is created,
+    // the console file included.
+    let drives = config
+        .drives
+        .iter()
+        .map(device_manager::create_drive)
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = config
+        .nets
+        .iter()
+        .map(device_manager::create_net)
+        .collect::<Result<Vec<_>, _>>()?;
+    let rng = config
+        .rng
+        .as_ref()
+        .map(device_manager::create_rng)
+        .transpose()?;
 
     let console_out = config
         .console
@@ -148,23 +179,17 @@ pub fn build_microvm(
             source,
         })?;
     let mut devices = DeviceManager::new(&vm, console_out)?;
-    for drive in &config.drives {
-        devices.attach_drive(&vm, &mem, drive)?;
+    // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
+    for drive in drives {
+        devices.attach_virtio(&vm, &mem, drive)?;
     }
-    for net in &config.nets {
-        devices.attach_net(&vm, &mem, net)?;
+    for net in nets {
+        devices.attach_virtio(&vm, &mem, net)?;
     }
-    if let Some(rng) = &config.rng {
-        devices.attach_rng(&vm, &mem, rng)?;
+    if let Some(rng) = rng {
+        devices.attach_virtio(&vm, &mem, rng)?;
     }
     let event_loop = EventLoop::new(&devices.subscribers)?;
-
-    let entry = load_boot_images(
-        &mem,
-        config,
-        quirks,
-        &device_cmdline_params(config, &devices),
-    )?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {

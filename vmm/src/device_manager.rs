@@ -184,63 +184,9 @@ impl DeviceManager {
         })
     }
 
-    /// Adds a block device backed by `drive`'s image.
-    pub fn attach_drive(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        drive: &DriveConfig,
-    ) -> Result<VirtioSlot, DeviceError> {
-        let id = drive.id.clone().unwrap_or_default();
-        let block = Block::new(&BlockConfig {
-            id: id.clone(),
-            path: drive.path.clone(),
-            read_only: drive.read_only,
-            rate_limiter: drive.rate_limiter,
-        })
-        .map_err(|source| DeviceError::Drive { id, source })?;
-        self.attach_virtio(vm, mem, block)
-    }
-
-    /// Adds a network interface on `net`'s TAP device.
-    pub fn attach_net(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        net: &NetConfig,
-    ) -> Result<VirtioSlot, DeviceError> {
-        let id = net.id.clone().unwrap_or_default();
-        let tap = Tap::open_named(&net.tap).map_err(|source| DeviceError::Tap {
-            id: id.clone(),
-            tap: net.tap.clone(),
-            source,
-        })?;
-        let device = Net::new(NetDeviceConfig {
-            id: id.clone(),
-            tap,
-            mac: net.mac,
-            mtu: net.mtu,
-            rx_rate_limiter: net.rx_rate_limiter,
-            tx_rate_limiter: net.tx_rate_limiter,
-        })
-        .map_err(|source| DeviceError::Net { id, source })?;
-        self.attach_virtio(vm, mem, device)
-    }
-
-    /// Adds the entropy device.
-    pub fn attach_rng(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        rng: &RngConfig,
-    ) -> Result<VirtioSlot, DeviceError> {
-        let device = Rng::new(&rng.rate_limiter).map_err(DeviceError::Rng)?;
-        self.attach_virtio(vm, mem, device)
-    }
-
     /// Puts `device` in the next slot: transport on the MMIO bus, an ioeventfd per queue, an irqfd,
     /// and its event handler for the event loop.
-    fn attach_virtio<D>(
+    pub fn attach_virtio<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
@@ -277,6 +223,42 @@ impl DeviceManager {
         self.virtio_slots.push(slot);
         Ok(slot)
     }
+}
+
+/// Opens `drive`'s image and creates its block device.
+pub fn create_drive(drive: &DriveConfig) -> Result<Block, DeviceError> {
+    let id = drive.id.clone().unwrap_or_default();
+    Block::new(&BlockConfig {
+        id: id.clone(),
+        path: drive.path.clone(),
+        read_only: drive.read_only,
+        rate_limiter: drive.rate_limiter,
+    })
+    .map_err(|source| DeviceError::Drive { id, source })
+}
+
+/// Opens `net`'s TAP device and creates its network device.
+pub fn create_net(net: &NetConfig) -> Result<Net, DeviceError> {
+    let id = net.id.clone().unwrap_or_default();
+    let tap = Tap::open_named(&net.tap).map_err(|source| DeviceError::Tap {
+        id: id.clone(),
+        tap: net.tap.clone(),
+        source,
+    })?;
+    Net::new(NetDeviceConfig {
+        id: id.clone(),
+        tap,
+        mac: net.mac,
+        mtu: net.mtu,
+        rx_rate_limiter: net.rx_rate_limiter,
+        tx_rate_limiter: net.tx_rate_limiter,
+    })
+    .map_err(|source| DeviceError::Net { id, source })
+}
+
+/// Creates the entropy device.
+pub fn create_rng(rng: &RngConfig) -> Result<Rng, DeviceError> {
+    Rng::new(&rng.rate_limiter).map_err(DeviceError::Rng)
 }
 
 #[cfg(test)]
