@@ -139,6 +139,9 @@ fn bad_input_is_one_line_and_status_2() {
     let console = dir.join("console.log");
     let console_spec = format!("file:{}", console.display());
     let long_cmdline = "x".repeat(3000);
+    let dir_drive = format!("path={}", dir.display());
+    let root_a = format!("path={},root", write(&dir, "a.img", &[0u8; 4096]));
+    let root_b = format!("path={},root", write(&dir, "b.img", &[0u8; 4096]));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--kernel", "/nonexistent/vmlinux"],
@@ -185,6 +188,34 @@ fn bad_input_is_one_line_and_status_2() {
             vec!["--kernel", &good, "--console", "tty"],
             "is not a console",
         ),
+        (
+            vec!["--kernel", &good, "--drive", "path=/nonexistent/disk.img"],
+            "drive drive0: disk image /nonexistent/disk.img: No such file",
+        ),
+        (
+            vec!["--kernel", &good, "--drive", &dir_drive],
+            "Is a directory",
+        ),
+        (
+            vec!["--kernel", &good, "--drive", "path=/dev/null"],
+            "disk image /dev/null: not a regular file or block device",
+        ),
+        (
+            vec!["--kernel", &good, "--drive", "ro"],
+            "'path=' is required",
+        ),
+        (
+            vec!["--kernel", &good, "--drive", &root_a, "--drive", &root_b],
+            "are both marked root",
+        ),
+        (
+            vec!["--kernel", &good, "--net", "tap=a/b"],
+            "tap name \"a/b\"",
+        ),
+        (
+            vec!["--kernel", &good, "--rng", "bw_size=100"],
+            "needs a non-zero refill_time",
+        ),
     ];
     for (mut args, expected) in cases {
         if !args.contains(&"--mem-mib") {
@@ -199,7 +230,11 @@ fn bad_input_is_one_line_and_status_2() {
             "{args:?}: expected {expected:?} in {:?}",
             out.stderr
         );
-        if !expected.contains("argument") && !expected.contains("console") {
+        if !expected.contains("argument")
+            && !expected.contains("console")
+            && !expected.contains("required")
+            && !expected.contains("refill_time")
+        {
             assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
         }
         assert!(
@@ -208,4 +243,42 @@ fn bad_input_is_one_line_and_status_2() {
             console.display()
         );
     }
+}
+
+/// Two VMs cannot write one image: the second is refused before it starts, and the first runs on.
+#[test]
+fn a_drive_in_use_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("locked");
+    let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
+    let disk = write(&dir, "disk.img", &[0u8; 64 * 1024]);
+    let drive = format!("path={disk}");
+    let first = spawn_kiln(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--mem-mib",
+        "16",
+        "--drive",
+        &drive,
+        "--rng",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    for second_drive in [drive.clone(), format!("{drive},ro")] {
+        let second = run_tiny(&kernel, &["--drive", &second_drive]);
+        assert_eq!(second.code(), 2, "{second:?}");
+        assert!(
+            second.stderr.contains("is in use by another process"),
+            "{second:?}"
+        );
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = wait_with_deadline(first, DEADLINE);
+    assert_eq!(out.code(), 128 + 15, "the first VM ran on: {out:?}");
 }
