@@ -16,6 +16,7 @@ pub mod guest_errors;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod single_queue;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 

@@ -1,44 +1,38 @@
-//! virtio-blk on the event loop: queue notifications, activation and the rate limiter's timer.
+//! virtio-blk on the event loop: the one-queue glue of [`single_queue`](crate::virtio::single_queue).
 
-use std::os::fd::AsRawFd;
-
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::Block;
+use crate::rate_limiter::RateLimiter;
+use crate::virtio::single_queue::{self, SingleQueueDevice};
 
-const QUEUE: u32 = 0;
-const ACTIVATE: u32 = 1;
-const RATE_LIMITER: u32 = 2;
+impl SingleQueueDevice for Block {
+    const LOG_NAME: &'static str = "virtio-blk";
+
+    fn queue_evt(&self) -> &EventFd {
+        &self.queue_evts[0]
+    }
+
+    fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    fn rate_limiter(&mut self) -> &mut RateLimiter {
+        &mut self.rate_limiter
+    }
+
+    fn process_queue(&mut self) {
+        Block::process_queue(self);
+    }
+}
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        let sources = [
-            (self.queue_evts[0].as_raw_fd(), QUEUE),
-            (self.activate_evt.as_raw_fd(), ACTIVATE),
-            (self.rate_limiter.as_raw_fd(), RATE_LIMITER),
-        ];
-        for (fd, data) in sources {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                eprintln!("kiln: virtio-blk: cannot watch event source {data}: {e}");
-            }
-        }
+        single_queue::init(self, ops);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match events.data() {
-            QUEUE => {
-                // Drain the notification even while inactive, or epoll would report it forever.
-                let _ = self.queue_evts[0].read();
-                self.process_queue();
-            }
-            ACTIVATE => {
-                let _ = self.activate_evt.read();
-                self.process_queue();
-            }
-            RATE_LIMITER if self.rate_limiter.event_handler().is_ok() => {
-                self.process_queue();
-            }
-            _ => {}
-        }
+        single_queue::process(self, events);
     }
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::disk::{DiskError, DiskFile, IoError};
 use self::request::{Request, RequestType, ID_BYTES, MAX_SEGMENTS};
 use super::guest_errors::GuestErrorLog;
+use super::single_queue::ActiveQueue;
 use super::{
     device_type, drain_queue, features, ActivateError, Chain, ChainOutcome, Interrupt, VirtioDevice,
 };
@@ -90,12 +91,6 @@ pub struct BlockCounters {
     pub flushes: u64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-}
-
 /// The block device.
 pub struct Block {
     id: [u8; ID_BYTES],
@@ -105,7 +100,7 @@ pub struct Block {
     rate_limiter: RateLimiter,
     avail_features: u64,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActiveQueue>,
     errors: GuestErrorLog,
     counters: BlockCounters,
 }
@@ -341,20 +336,9 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                given: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-        });
+        self.active = Some(ActiveQueue::new(mem, interrupt, queues)?);
         self.activate_evt
             .write(1)
             .map_err(|e| ActivateError::Wake(e.to_string()))

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::guest_errors::GuestErrorLog;
+use super::single_queue::ActiveQueue;
 use super::{
     device_type, drain_queue, features, ActivateError, ChainOutcome, Interrupt, VirtioDevice,
 };
@@ -47,19 +48,13 @@ enum RequestError {
     Write(std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-}
-
 /// The entropy device.
 pub struct Rng {
     queue_evts: [EventFd; 1],
     activate_evt: EventFd,
     rate_limiter: RateLimiter,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActiveQueue>,
     errors: GuestErrorLog,
     /// Bytes handed to the guest so far.
     bytes_served: u64,
@@ -175,20 +170,9 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                given: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-        });
+        self.active = Some(ActiveQueue::new(mem, interrupt, queues)?);
         self.activate_evt
             .write(1)
             .map_err(|e| ActivateError::Wake(e.to_string()))
