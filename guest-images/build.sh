@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build Kiln's guest images: a minimal Linux 6.12 kernel for KVM microVMs and a
-# busybox root filesystem (ext4 image and uncompressed initramfs).
+# Build Kiln's guest images: a minimal Linux 6.12 kernel for KVM microVMs, a
+# busybox root filesystem (ext4 image and uncompressed initramfs) and the static
+# guest tools of tools/*.c (benchmarks, kept out of both root filesystems).
 #
 # Usage: guest-images/build.sh
 #   stdout: exactly one line, the absolute path of the output directory
@@ -8,9 +9,10 @@
 #   exit status: non-zero with a message on stderr if anything fails
 #
 # Output: ${KILN_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/guest-images}/<hash>/
-#   vmlinux  bzImage  System.map  kernel.config  rootfs.ext4  initramfs.cpio  manifest.txt
+#   vmlinux  bzImage  System.map  kernel.config  rootfs.ext4  initramfs.cpio
+#   kiln-blkbench  manifest.txt
 # <hash> covers every input (this script, the kernel config fragment, the patches,
-# the rootfs files, the versions of the Debian packages used), so a second run
+# the rootfs files, the tool sources, the versions of the Debian packages used), so a second run
 # with the same inputs only prints the directory. See README.md.
 set -euo pipefail
 
@@ -21,6 +23,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KERNEL_FRAGMENT=$HERE/kernel/x86_64.config
 PATCH_DIR=$HERE/kernel/patches
 ROOTFS_DIR=$HERE/rootfs
+TOOLS_DIR=$HERE/tools
 
 # Fixed build identity (reproducible builds): 2025-01-01 00:00:00 UTC.
 EPOCH=1735689600
@@ -28,7 +31,7 @@ ROOTFS_UUID=6b696c6e-6775-4573-8000-000000000001   # "kilnguEs..." fixed
 ROOTFS_SIZE=32M
 
 # Debian packages the build needs. The first group's versions are part of <hash>.
-VERSIONED_PACKAGES=(linux-source-6.12 busybox-static gcc e2fsprogs cpio binutils make lz4)
+VERSIONED_PACKAGES=(linux-source-6.12 busybox-static gcc e2fsprogs cpio binutils make lz4 libc6-dev)
 PACKAGES=("${VERSIONED_PACKAGES[@]}" build-essential flex bison bc libelf-dev xz-utils patch)
 
 export LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=$EPOCH
@@ -99,7 +102,9 @@ INPUT_FILES=("$HERE/build.sh" "$KERNEL_FRAGMENT")
 mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' -type f | sort)
 [ ${#PATCHES[@]} -gt 0 ] || die "no patches found in $PATCH_DIR"
 mapfile -t ROOTFS_FILES < <(find "$ROOTFS_DIR" -type f | sort)
-INPUT_FILES+=("${PATCHES[@]}" "${ROOTFS_FILES[@]}")
+mapfile -t TOOL_SOURCES < <(find "$TOOLS_DIR" -maxdepth 1 -name '*.c' -type f | sort)
+[ -f "$TOOLS_DIR/kiln-blkbench.c" ] || die "$TOOLS_DIR/kiln-blkbench.c is missing"
+INPUT_FILES+=("${PATCHES[@]}" "${ROOTFS_FILES[@]}" "${TOOL_SOURCES[@]}")
 
 GCC_REAL=$(readlink -f "$(command -v gcc)")
 GCC_PKG=$(dpkg-query -S "$GCC_REAL" 2>/dev/null | head -n1 | cut -d: -f1 || true)
@@ -350,6 +355,17 @@ e2fsck -fn "$IMG" >"$TMP/e2fsck.log" 2>&1 || {
 unset E2FSPROGS_FAKE_TIME
 step_done
 
+# --- Guest tools -------------------------------------------------------------------------------
+# Static programs the tests copy into a guest over a raw drive when they need them; not in
+# initramfs.cpio or rootfs.ext4, which every boot reads. Reproducible: no build id, no host paths.
+step_start "compiling the guest tools (tools/*.c, static glibc $(pkg_version libc6-dev))"
+for src in "${TOOL_SOURCES[@]}"; do
+	tool=$(basename "$src" .c)
+	gcc -Os -static -s -Wall -Wextra -ffile-prefix-map="$HERE"=guest-images \
+		-Wl,--build-id=none -o "$TMP/out/$tool" "$src" || die "cannot compile tools/$tool.c"
+done
+step_done
+
 # --- Manifest and atomic publish ---------------------------------------------------------------
 {
 	echo "# Kiln guest images $HASH"
@@ -358,7 +374,7 @@ step_done
 	echo "source_date_epoch $EPOCH"
 	echo "$INPUTS"
 	echo "# outputs (sha256)"
-	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4)
+	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4 kiln-blkbench)
 } >"$TMP/out/manifest.txt"
 chmod a-w "$TMP/out"/*
 mv -T "$TMP/out" "$OUT" || die "cannot move the result into $OUT"
