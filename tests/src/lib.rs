@@ -134,7 +134,9 @@ pub struct NetNs {
 
 impl NetNs {
     /// Creates namespace `name` (replacing a leftover of the same name) with loopback up.
+    /// Installs iproute2 first if `ip` is missing (a fresh CI machine may not have it).
     pub fn create(name: &str) -> Self {
+        ensure_command("ip", "iproute2");
         // A leftover of an earlier, killed run; usually there is none.
         let _ = Command::new("ip")
             .args(["netns", "del", name])
@@ -181,6 +183,30 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// Installs Debian package `package` when `command` is not on PATH.
+pub fn ensure_command(command: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return;
+    }
+    eprintln!("installing {package} for `{command}`");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").arg("update").status();
+        assert!(install(), "could not install {package}");
     }
 }
 
