@@ -1,4 +1,14 @@
-//! Kiln's API front end: Firecracker's REST API on a Unix socket (issue 4).
+//! Kiln's API front end: Firecracker's REST API on a Unix socket.
 //!
-//! Its requests will reach the VMM as one request enum over a channel; this crate never touches a
-//! VM. Until then it holds no code: `kiln run` is driven from the command line alone.
+//! - [`http`]: HTTP/1.1 on a Unix socket, bounded in every dimension (head size, payload size,
+//!   connections, time per request), served on one `kiln_api` thread.
+//! - [`models`]: the JSON bodies, in Firecracker's exact shape, parsed with `deny_unknown_fields`
+//!   and validated once.
+//! - [`routes`]: method and path to one [`routes::ApiRequest`], or a 400 with Firecracker's fault
+//!   message; `api/openapi.yaml` lists exactly the routes served (a test keeps them equal).
+//!
+//! This crate never touches a VM: the VMM receives each [`routes::ApiRequest`] and answers it.
+
+pub mod http;
+pub mod models;
+pub mod routes;
