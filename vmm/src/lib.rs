@@ -17,6 +17,7 @@ pub mod host_quirks;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod resources;
 pub mod vstate;
 
 #[cfg(any(test, feature = "test-support"))]

@@ -1,0 +1,296 @@
+//! What a microVM is made of before it starts, as the API (or a config file) builds it up.
+//!
+//! Firecracker's model: each pre-boot `PUT` sets or replaces one resource (a drive by its id, the
+//! boot source, the machine config...), `GET /vm/config` reads them all back, and `InstanceStart`
+//! turns them into a VM. Bodies reach this module already parsed and validated by the `api` crate;
+//! the checks here are the ones that need the other resources (one root drive, unique ids).
+
+use api::models::{
+    BootSource, Drive, EntropyDevice, FullVmConfiguration, Logger, MachineConfiguration,
+    MachineConfigurationPatch, Metrics, NetworkInterface, SerialDevice, Vsock,
+};
+
+use crate::config::{ConsoleConfig, VmConfigRequest};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+
+/// A resource change that does not fit with the others.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    /// A second root drive (Firecracker's text).
+    #[error("A root block device already exists!")]
+    RootExists,
+    /// `InstanceStart` before `PUT /boot-source`.
+    #[error("Cannot start microvm without kernel configuration.")]
+    NoBootSource,
+    /// A network interface's TAP is already used by another interface.
+    #[error("The host device name {0} is already in use.")]
+    TapInUse(String),
+    /// A guest MAC already used by another interface.
+    #[error("The guest MAC address {0} is already in use.")]
+    MacInUse(String),
+    /// A `PATCH /machine-config` that leaves an invalid configuration.
+    #[error("{0}")]
+    InvalidMachineConfig(String),
+}
+
+/// The pre-boot resources of one microVM.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmResources {
+    /// Kernel, initrd and command line.
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    pub machine_config: MachineConfiguration,
+    /// Block devices in the order they were first put (a re-`PUT` keeps the place).
+    pub drives: Vec<Drive>,
+    /// Network interfaces in the order they were first put.
+    pub nets: Vec<NetworkInterface>,
+    /// The vsock device.
+    pub vsock: Option<Vsock>,
+    /// The entropy device.
+    pub entropy: Option<EntropyDevice>,
+    /// Logger settings.
+    pub logger: Option<Logger>,
+    /// Metrics settings.
+    pub metrics: Option<Metrics>,
+    /// Serial console settings.
+    pub serial: Option<SerialDevice>,
+}
+
+/// Replaces the element `same` picks, or appends `item`.
+fn put<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
+    match list.iter_mut().find(|existing| same(existing)) {
+        Some(existing) => *existing = item,
+        None => list.push(item),
+    }
+}
+
+impl VmResources {
+    /// Builds the resources a config file (or `GET /vm/config`) describes, applying each part as
+    /// its `PUT` would.
+    pub fn from_full_config(config: FullVmConfiguration) -> Result<Self, ResourceError> {
+        let mut resources = Self {
+            boot_source: config.boot_source,
+            machine_config: config.machine_config.unwrap_or_default(),
+            vsock: config.vsock,
+            entropy: config.entropy,
+            logger: config.logger,
+            metrics: config.metrics,
+            serial: config.serial,
+            ..Self::default()
+        };
+        for drive in config.drives {
+            resources.put_drive(drive)?;
+        }
+        for net in config.network_interfaces {
+            resources.put_net(net)?;
+        }
+        Ok(resources)
+    }
+
+    /// The resources in `GET /vm/config`'s shape.
+    pub fn full_config(&self) -> FullVmConfiguration {
+        FullVmConfiguration {
+            drives: self.drives.clone(),
+            boot_source: self.boot_source.clone(),
+            logger: self.logger.clone(),
+            machine_config: Some(self.machine_config.clone()),
+            metrics: self.metrics.clone(),
+            network_interfaces: self.nets.clone(),
+            vsock: self.vsock.clone(),
+            entropy: self.entropy.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+
+    /// `PUT /drives/{id}`: adds the drive or replaces the one with its id.
+    pub fn put_drive(&mut self, drive: Drive) -> Result<(), ResourceError> {
+        let other_root = self
+            .drives
+            .iter()
+            .any(|d| d.is_root_device && d.drive_id != drive.drive_id);
+        if drive.is_root_device && other_root {
+            return Err(ResourceError::RootExists);
+        }
+        let id = drive.drive_id.clone();
+        put(&mut self.drives, drive, |d| d.drive_id == id);
+        Ok(())
+    }
+
+    /// `PUT /network-interfaces/{id}`: adds the interface or replaces the one with its id.
+    pub fn put_net(&mut self, net: NetworkInterface) -> Result<(), ResourceError> {
+        let others = || self.nets.iter().filter(|n| n.iface_id != net.iface_id);
+        if others().any(|n| n.host_dev_name == net.host_dev_name) {
+            return Err(ResourceError::TapInUse(net.host_dev_name));
+        }
+        if let Some(mac) = net.guest_mac {
+            if others().any(|n| n.guest_mac == Some(mac)) {
+                return Err(ResourceError::MacInUse(mac.to_string()));
+            }
+        }
+        let id = net.iface_id.clone();
+        put(&mut self.nets, net, |n| n.iface_id == id);
+        Ok(())
+    }
+
+    /// `PATCH /machine-config`: changes only the given fields.
+    pub fn patch_machine_config(
+        &mut self,
+        patch: &MachineConfigurationPatch,
+    ) -> Result<(), ResourceError> {
+        let patched = patch
+            .apply_to(&self.machine_config)
+            .and_then(|patched| patched.validate().map(|()| patched))
+            .map_err(|e| ResourceError::InvalidMachineConfig(e.to_string()))?;
+        self.machine_config = patched;
+        Ok(())
+    }
+
+    /// The VM these resources describe, ready for [`VmConfigRequest::validate`].
+    pub fn vm_config_request(&self) -> Result<VmConfigRequest, ResourceError> {
+        let boot = self
+            .boot_source
+            .as_ref()
+            .ok_or(ResourceError::NoBootSource)?;
+        let console = match self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
+            Some(path) => ConsoleConfig::File(path),
+            None => ConsoleConfig::Stdout,
+        };
+        Ok(VmConfigRequest {
+            kernel: boot.kernel_image_path.clone(),
+            initrd: boot.initrd_path.clone(),
+            cmdline: boot.boot_args.clone(),
+            vcpus: u64::from(self.machine_config.vcpu_count),
+            mem_mib: self.machine_config.mem_size_mib,
+            console,
+            drives: self.drives.iter().map(drive_config).collect(),
+            nets: self.nets.iter().map(net_config).collect(),
+            rng: self.entropy.as_ref().map(|e| RngConfig {
+                rate_limiter: e.rate_limiter.unwrap_or_default(),
+            }),
+        })
+    }
+}
+
+fn drive_config(drive: &Drive) -> DriveConfig {
+    DriveConfig {
+        id: Some(drive.drive_id.clone()),
+        // Validation in the api crate refuses a drive without one.
+        path: drive.path_on_host.clone().unwrap_or_default(),
+        read_only: drive.read_only(),
+        root: drive.is_root_device,
+        rate_limiter: drive.rate_limiter.unwrap_or_default(),
+    }
+}
+
+fn net_config(net: &NetworkInterface) -> NetConfig {
+    NetConfig {
+        id: Some(net.iface_id.clone()),
+        tap: net.host_dev_name.clone(),
+        mac: net.guest_mac.map(|mac| mac.bytes()),
+        mtu: net.mtu,
+        rx_rate_limiter: net.rx_rate_limiter.unwrap_or_default(),
+        tx_rate_limiter: net.tx_rate_limiter.unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(id: &str, root: bool) -> Drive {
+        serde_json::from_value(serde_json::json!({
+            "drive_id": id,
+            "path_on_host": format!("/images/{id}.img"),
+            "is_root_device": root,
+            "is_read_only": !root,
+        }))
+        .unwrap()
+    }
+
+    fn net(id: &str, tap: &str, mac: &str) -> NetworkInterface {
+        serde_json::from_value(serde_json::json!({
+            "iface_id": id, "host_dev_name": tap, "guest_mac": mac,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn drives_keep_their_place_and_one_root() {
+        let mut r = VmResources::default();
+        r.put_drive(drive("rootfs", true)).unwrap();
+        r.put_drive(drive("drive1", false)).unwrap();
+        assert_eq!(
+            r.put_drive(drive("drive2", true)),
+            Err(ResourceError::RootExists)
+        );
+        // Re-putting the root drive itself is fine and keeps its place.
+        let mut rw_root = drive("rootfs", true);
+        rw_root.is_read_only = Some(true);
+        r.put_drive(rw_root).unwrap();
+        let ids: Vec<&str> = r.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(ids, ["rootfs", "drive1"]);
+        assert_eq!(r.drives[0].is_read_only, Some(true));
+    }
+
+    #[test]
+    fn nets_cannot_share_a_tap_or_mac() {
+        let mut r = VmResources::default();
+        r.put_net(net("eth0", "tap0", "02:00:00:00:00:01")).unwrap();
+        assert_eq!(
+            r.put_net(net("eth1", "tap0", "02:00:00:00:00:02")),
+            Err(ResourceError::TapInUse("tap0".into()))
+        );
+        assert!(matches!(
+            r.put_net(net("eth1", "tap1", "02:00:00:00:00:01")),
+            Err(ResourceError::MacInUse(_))
+        ));
+        r.put_net(net("eth0", "tap0", "02:00:00:00:00:03")).unwrap();
+        assert_eq!(r.nets.len(), 1);
+    }
+
+    #[test]
+    fn start_needs_a_boot_source_and_maps_everything() {
+        let mut r = VmResources::default();
+        assert_eq!(r.vm_config_request(), Err(ResourceError::NoBootSource));
+        r.boot_source = Some(
+            serde_json::from_value(serde_json::json!({
+                "kernel_image_path": "/k", "boot_args": "console=ttyS0"
+            }))
+            .unwrap(),
+        );
+        r.put_drive(drive("rootfs", true)).unwrap();
+        r.put_net(net("eth0", "tap0", "02:00:00:00:00:01")).unwrap();
+        r.entropy = Some(EntropyDevice { rate_limiter: None });
+        let req = r.vm_config_request().unwrap();
+        assert_eq!(req.kernel, std::path::PathBuf::from("/k"));
+        assert_eq!(req.cmdline.as_deref(), Some("console=ttyS0"));
+        assert_eq!((req.vcpus, req.mem_mib), (1, 128));
+        assert_eq!(req.drives[0].id.as_deref(), Some("rootfs"));
+        assert!(req.drives[0].root && !req.drives[0].read_only);
+        assert_eq!(req.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+        assert!(req.rng.is_some());
+        assert_eq!(req.console, ConsoleConfig::Stdout);
+    }
+
+    #[test]
+    fn config_file_round_trips_through_get_vm_config() {
+        let mut r = VmResources::default();
+        r.put_drive(drive("rootfs", true)).unwrap();
+        r.put_net(net("eth0", "tap0", "02:00:00:00:00:01")).unwrap();
+        let again = VmResources::from_full_config(r.full_config()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn machine_config_patch_is_checked() {
+        let mut r = VmResources::default();
+        let patch: MachineConfigurationPatch =
+            serde_json::from_value(serde_json::json!({"vcpu_count": 2})).unwrap();
+        r.patch_machine_config(&patch).unwrap();
+        assert_eq!(r.machine_config.vcpu_count, 2);
+        let bad: MachineConfigurationPatch =
+            serde_json::from_value(serde_json::json!({"smt": true})).unwrap();
+        assert!(r.patch_machine_config(&bad).is_err());
+        assert_eq!(r.machine_config.vcpu_count, 2);
+    }
+}
