@@ -8,12 +8,46 @@ use crate::config::ConsoleConfig;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig};
 
 /// Kiln: a KVM microVM monitor.
+///
+/// Without a subcommand Kiln behaves as Firecracker's process does: it serves Firecracker's REST API
+/// on `--api-sock` and/or boots from `--config-file`.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about)]
+#[command(name = "kiln", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Firecracker's process flags (when there is no subcommand).
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// Firecracker's process flags.
+#[derive(Debug, Args, Clone, PartialEq, Eq)]
+pub struct ProcessArgs {
+    /// Path of the API's Unix socket (created 0600, removed on exit).
+    #[arg(
+        long = "api-sock",
+        value_name = "PATH",
+        default_value = "/run/kiln.socket"
+    )]
+    pub api_sock: PathBuf,
+    /// The microVM's id, reported by GET /.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    pub id: String,
+    /// Boot from this JSON file (the shape of GET /vm/config) without waiting for the API.
+    #[arg(long = "config-file", value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file).
+    #[arg(long = "no-api", requires = "config_file")]
+    pub no_api: bool,
+    /// Largest API request body, in bytes.
+    #[arg(
+        long = "http-api-max-payload-size",
+        value_name = "BYTES",
+        default_value_t = 51200
+    )]
+    pub max_payload: usize,
 }
 
 /// Kiln's subcommands.
@@ -65,8 +99,10 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))?;
-        let Command::Run(run) = cli.command;
-        Ok(run)
+        match cli.command {
+            Some(Command::Run(run)) => Ok(run),
+            None => panic!("no subcommand in {args:?}"),
+        }
     }
 
     #[test]
@@ -104,6 +140,21 @@ mod tests {
     }
 
     #[test]
+    fn firecracker_process_flags() {
+        let cli =
+            Cli::try_parse_from(["kiln", "--api-sock", "/tmp/a.sock", "--id", "vm7"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.process.api_sock, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(cli.process.id, "vm7");
+        assert_eq!(cli.process.max_payload, 51200);
+        let defaults = Cli::try_parse_from(["kiln"]).unwrap();
+        assert_eq!(defaults.process.api_sock, PathBuf::from("/run/kiln.socket"));
+        let err = Cli::try_parse_from(["kiln", "--no-api"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(Cli::try_parse_from(["kiln", "--api-sock", "/x", "run"]).is_err());
+    }
+
+    #[test]
     fn devices() {
         let run = parse(&[
             "run",
@@ -136,7 +187,6 @@ mod tests {
             &["run", "--drive", "path=/x,bogus"],
             &["run", "--net", "mac=02:00:00:00:00:01"],
             &["run", "--rng", "bw_size=x"],
-            &[],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

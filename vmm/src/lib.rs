@@ -5,6 +5,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
+pub mod api_controller;
 pub mod arch;
 pub mod builder;
 pub mod cli;

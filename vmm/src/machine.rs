@@ -16,6 +16,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use api::http::HttpResponse;
+use api::routes::ApiRequest;
+
 use crate::device_manager::DeviceManager;
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
@@ -48,11 +51,91 @@ pub enum ExitReason {
 }
 
 /// What the control loop hears about.
-enum VmmEvent {
+pub enum VmmEvent {
+    /// A vCPU thread left its run loop.
     VcpuStopped(Result<Option<VcpuStop>, VcpuError>),
+    /// The guest reset the machine through the i8042.
     GuestReset,
+    /// A signal arrived.
     Signal(i32),
+    /// The device event loop failed.
     EventLoopFailed(event_manager::Error),
+    /// A request from the API thread, answered on its reply channel.
+    Api(ApiCall),
+}
+
+/// An API request on its way to the VMM, with the channel its answer goes back on.
+pub struct ApiCall {
+    /// The parsed, validated request.
+    pub request: ApiRequest,
+    /// Where the answer goes (the API thread waits on it).
+    pub reply: Sender<HttpResponse>,
+}
+
+/// Answers the API requests that arrive while the VM runs.
+pub type RuntimeApiHandler<'a> = dyn FnMut(ApiRequest, &mut RunningVm<'_>) -> HttpResponse + 'a;
+
+/// What a runtime API request may act on.
+pub struct RunningVm<'a> {
+    handles: &'a [VcpuHandle],
+    devices: &'a DeviceManager,
+    paused: bool,
+}
+
+/// Why the VM could not be paused.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPU {0} did not stop within {PAUSE_TIMEOUT:?}")]
+pub struct PauseError(usize);
+
+/// How long a pause waits for each vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RunningVm<'_> {
+    /// True while the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU outside KVM_RUN; the guest's clock stands still for it (devices keep
+    /// serving requests already queued). Resumes them again if one does not stop in time.
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        for handle in self.handles {
+            handle.requests.pause.store(true, Ordering::Release);
+        }
+        for (index, handle) in self.handles.iter().enumerate() {
+            let mut parked = false;
+            for _ in 0..KICK_ATTEMPTS {
+                if handle.thread.is_finished() {
+                    parked = true;
+                    break;
+                }
+                let _ = handle.thread.kill(SIGRTMIN());
+                if handle.requests.wait_parked(KICK_INTERVAL) {
+                    parked = true;
+                    break;
+                }
+            }
+            if !parked && !handle.requests.wait_parked(PAUSE_TIMEOUT) {
+                self.resume();
+                return Err(PauseError(index));
+            }
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) {
+        for handle in self.handles {
+            handle.requests.resume();
+        }
+        self.paused = false;
+    }
+
+    /// The VM's devices.
+    pub fn devices(&self) -> &DeviceManager {
+        self.devices
+    }
 }
 
 struct VcpuHandle {
@@ -98,9 +181,23 @@ impl MicroVm {
     }
 
     /// Starts the vCPUs and runs until the guest ends, a vCPU fails or a stop signal arrives.
-    pub fn run(mut self, forward_stdin: bool) -> std::io::Result<ExitReason> {
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
+    pub fn run(self, forward_stdin: bool) -> std::io::Result<ExitReason> {
         let (tx, rx) = mpsc::channel();
+        self.run_with(forward_stdin, tx, rx, &mut |_, _| {
+            HttpResponse::fault(400, "there is no API in this mode")
+        })
+    }
+
+    /// Like [`Self::run`], on a control channel the caller made (the API thread holds a sender),
+    /// answering API calls with `api`.
+    pub fn run_with(
+        mut self,
+        forward_stdin: bool,
+        tx: Sender<VmmEvent>,
+        rx: Receiver<VmmEvent>,
+        api: &mut RuntimeApiHandler<'_>,
+    ) -> std::io::Result<ExitReason> {
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
         self.spawn_reset_watcher(tx.clone())?;
         spawn_signal_watcher(tx.clone())?;
         if forward_stdin {
@@ -120,7 +217,12 @@ impl MicroVm {
             handles.push(spawn_vcpu(vcpu, tx.clone())?);
         }
         drop(tx);
-        let reason = control_loop(&rx, &handles);
+        let mut running = RunningVm {
+            handles: &handles,
+            devices: &self.devices,
+            paused: false,
+        };
+        let reason = control_loop(&rx, &mut running, api);
         stop_vcpus(&handles);
         if let Some(event_loop) = event_loop {
             event_loop.stop();
@@ -144,7 +246,12 @@ impl MicroVm {
     }
 }
 
-fn control_loop(rx: &Receiver<VmmEvent>, handles: &[VcpuHandle]) -> ExitReason {
+fn control_loop(
+    rx: &Receiver<VmmEvent>,
+    running: &mut RunningVm<'_>,
+    api: &mut RuntimeApiHandler<'_>,
+) -> ExitReason {
+    let handles = running.handles;
     loop {
         match rx.recv_timeout(SAMPLE_INTERVAL) {
             Ok(VmmEvent::GuestReset) => return ExitReason::GuestReset,
@@ -162,6 +269,12 @@ fn control_loop(rx: &Receiver<VmmEvent>, handles: &[VcpuHandle]) -> ExitReason {
             }
             Ok(VmmEvent::Signal(signal)) => return ExitReason::Signal(signal),
             Ok(VmmEvent::EventLoopFailed(e)) => return ExitReason::EventLoopFailed(e),
+            Ok(VmmEvent::Api(call)) => {
+                let response = api(call.request, running);
+                let _ = call.reply.send(response);
+            }
+            // Parked vCPUs take no samples; a paused VM is not a stuck one.
+            Err(RecvTimeoutError::Timeout) if running.paused => {}
             Err(RecvTimeoutError::Timeout) => {
                 for handle in handles {
                     request(handle, &handle.requests.sample);
@@ -187,7 +300,7 @@ fn request(handle: &VcpuHandle, flag: &std::sync::atomic::AtomicBool) {
 
 fn stop_vcpus(handles: &[VcpuHandle]) {
     for handle in handles {
-        handle.requests.stop.store(true, Ordering::Release);
+        handle.requests.request_stop();
     }
     for _ in 0..KICK_ATTEMPTS {
         let mut running = false;

@@ -5,13 +5,25 @@
 
 use std::process::ExitCode;
 
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::http::{
+    bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
+    SocketGuard,
+};
+use api::models::FullVmConfiguration;
+use api::routes::parse_request;
 use clap::Parser;
+use vmm::api_controller::{ApiController, PreBoot};
 use vmm::builder::build_microvm;
-use vmm::cli::{Cli, Command, RunArgs};
+use vmm::cli::{Cli, Command, ProcessArgs, RunArgs};
 use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
 use vmm::guest_images::default_guest;
 use vmm::host_quirks::HostQuirks;
-use vmm::machine::ExitReason;
+use vmm::machine::{ApiCall, ExitReason, VmmEvent};
+use vmm::resources::VmResources;
 use vmm::vstate::vm;
 
 const EXIT_FAILURE: u8 = 1;
@@ -27,10 +39,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
-    let limits = HostLimits {
-        max_vcpus: vm::max_vcpus(&kvm),
-        mem_mib: HostLimits::host_mem_mib().unwrap_or(u64::MAX),
-    };
+    let limits = host_limits(&kvm);
     let has_root_drive = args.drives.iter().any(|d| d.root);
     let (kernel, initrd) = match args.kernel {
         Some(kernel) => (kernel, args.initrd),
@@ -66,7 +75,12 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(line) = quirks.describe() {
         eprintln!("{line}");
     }
-    match microvm.run(forward_stdin) {
+    exit_status(microvm.run(forward_stdin))
+}
+
+/// The process's exit status for how the VM ended.
+fn exit_status(result: std::io::Result<ExitReason>) -> ExitCode {
+    match result {
         Ok(ExitReason::GuestReset) => {
             eprintln!("kiln: the guest rebooted; exiting");
             ExitCode::SUCCESS
@@ -89,9 +103,137 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// How long the API thread waits for the VMM to answer one request (a pause waits up to 5 s per
+/// vCPU; a build opens images and loads the kernel).
+const API_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The API thread's request handler: parse, hand to the VMM, wait for its answer.
+fn api_handler(tx: Sender<VmmEvent>) -> RequestHandler {
+    Arc::new(move |request: HttpRequest| {
+        let parsed = parse_request(request.method.as_str(), &request.path, &request.body);
+        let request = match parsed {
+            Ok(request) => request,
+            Err(e) => return HttpResponse::fault(e.status(), &e.fault_message()),
+        };
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let call = VmmEvent::Api(ApiCall {
+            request,
+            reply: reply_tx,
+        });
+        if tx.send(call).is_err() {
+            return HttpResponse::fault(503, "The microVM is shutting down.");
+        }
+        reply_rx
+            .recv_timeout(API_REPLY_TIMEOUT)
+            .unwrap_or_else(|_| HttpResponse::fault(504, "The VMM did not answer in time."))
+    })
+}
+
+/// Firecracker's process mode: serve the API and/or boot from a config file.
+fn serve(args: ProcessArgs) -> ExitCode {
+    let kvm = match vm::open_kvm() {
+        Ok(kvm) => kvm,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    let resources = match &args.config_file {
+        Some(path) => match read_config_file(path) {
+            Ok(resources) => resources,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        },
+        None => VmResources::default(),
+    };
+    let (tx, rx) = mpsc::channel();
+    let _server = if args.no_api {
+        None
+    } else {
+        let listener = match bind_api_socket(&args.api_sock) {
+            Ok(listener) => listener,
+            Err(e) => return fail(EXIT_BAD_INPUT, format!("API socket: {e}")),
+        };
+        let guard = SocketGuard::new(&args.api_sock);
+        let config = ServerConfig {
+            max_payload: args.max_payload,
+            ..ServerConfig::default()
+        };
+        match ApiServer::start(listener, config, api_handler(tx.clone())) {
+            Ok(server) => Some((server, guard)),
+            Err(e) => return fail(EXIT_FAILURE, format!("starting the API server: {e}")),
+        }
+    };
+    let mut controller = ApiController::new(args.id, resources);
+    let quirks = HostQuirks::detect();
+    let start = |controller: &ApiController| -> Result<_, String> {
+        let request = controller
+            .resources()
+            .vm_config_request()
+            .map_err(|e| e.to_string())?;
+        let config = request
+            .validate(host_limits(&kvm))
+            .map_err(|e| e.to_string())?;
+        build_microvm(&kvm, &config, &quirks).map_err(|e| e.to_string())
+    };
+    let microvm = if args.config_file.is_some() {
+        match start(&controller) {
+            Ok(microvm) => microvm,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        }
+    } else {
+        loop {
+            let Ok(event) = rx.recv() else {
+                return fail(EXIT_FAILURE, "internal error: the API thread ended");
+            };
+            let VmmEvent::Api(call) = event else {
+                continue;
+            };
+            match controller.pre_boot(call.request) {
+                PreBoot::Reply(response) => {
+                    let _ = call.reply.send(response);
+                }
+                PreBoot::Start => match start(&controller) {
+                    Ok(microvm) => {
+                        let _ = call.reply.send(HttpResponse::no_content());
+                        break microvm;
+                    }
+                    Err(e) => {
+                        let _ = call.reply.send(HttpResponse::fault(400, &e));
+                    }
+                },
+            }
+        }
+    };
+    if let Some(line) = quirks.describe() {
+        eprintln!("{line}");
+    }
+    let result = microvm.run_with(false, tx, rx, &mut |request, vm| {
+        controller.runtime(request, vm)
+    });
+    exit_status(result)
+}
+
+/// Reads a `--config-file` (the shape of GET /vm/config) into resources.
+fn read_config_file(path: &std::path::Path) -> Result<VmResources, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let config: FullVmConfiguration =
+        serde_json::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    config
+        .validate()
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    VmResources::from_full_config(config)
+        .map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
+    HostLimits {
+        max_vcpus: vm::max_vcpus(kvm),
+        mem_mib: HostLimits::host_mem_mib().unwrap_or(u64::MAX),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Some(Command::Run(args)) => run(args),
+        None => serve(cli.process),
     }
 }

@@ -28,6 +28,9 @@ pub enum ResourceError {
     /// A guest MAC already used by another interface.
     #[error("The guest MAC address {0} is already in use.")]
     MacInUse(String),
+    /// A serial console rate limit, which Kiln does not implement.
+    #[error("Kiln does not support a rate limiter on the serial console")]
+    SerialRateLimiter,
     /// A `PATCH /machine-config` that leaves an invalid configuration.
     #[error("{0}")]
     InvalidMachineConfig(String),
@@ -75,9 +78,11 @@ impl VmResources {
             entropy: config.entropy,
             logger: config.logger,
             metrics: config.metrics,
-            serial: config.serial,
             ..Self::default()
         };
+        if let Some(serial) = config.serial {
+            resources.put_serial(serial)?;
+        }
         for drive in config.drives {
             resources.put_drive(drive)?;
         }
@@ -129,6 +134,15 @@ impl VmResources {
         }
         let id = net.iface_id.clone();
         put(&mut self.nets, net, |n| n.iface_id == id);
+        Ok(())
+    }
+
+    /// `PUT /serial`: where the guest's console goes.
+    pub fn put_serial(&mut self, serial: SerialDevice) -> Result<(), ResourceError> {
+        if serial.rate_limiter.is_some() {
+            return Err(ResourceError::SerialRateLimiter);
+        }
+        self.serial = Some(serial);
         Ok(())
     }
 

@@ -7,6 +7,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use devices::Bus;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED};
@@ -154,6 +156,58 @@ pub struct VcpuRequests {
     pub sample: AtomicBool,
     /// Leave the run loop.
     pub stop: AtomicBool,
+    /// Stay out of KVM_RUN until cleared (the VM is paused).
+    pub pause: AtomicBool,
+    /// True while the vCPU is parked for a pause; guarded so [`Self::wait_parked`] can wait for it.
+    parked: Mutex<bool>,
+    /// Signalled when `parked` changes or the pause or stop flags are changed.
+    changed: Condvar,
+}
+
+impl VcpuRequests {
+    /// Parks the calling vCPU thread while `pause` is set and `stop` is not.
+    fn park_while_paused(&self) {
+        let Ok(mut parked) = self.parked.lock() else {
+            return;
+        };
+        *parked = true;
+        self.changed.notify_all();
+        while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            parked = match self.changed.wait(parked) {
+                Ok(guard) => guard,
+                Err(_) => return,
+            };
+        }
+        *parked = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for the vCPU to be parked; true if it is.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let Ok(parked) = self.parked.lock() else {
+            return false;
+        };
+        self.changed
+            .wait_timeout_while(parked, timeout, |parked| !*parked)
+            .map(|(parked, _)| *parked)
+            .unwrap_or(false)
+    }
+
+    /// Clears `pause` and wakes the parked vCPU.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+        if let Ok(_guard) = self.parked.lock() {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Sets `stop` and wakes the vCPU if it is parked.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Ok(_guard) = self.parked.lock() {
+            self.changed.notify_all();
+        }
+    }
 }
 
 /// Notices a vCPU that stays at one RIP, running (not halted), over many consecutive samples:
@@ -335,6 +389,10 @@ impl Vcpu {
                 let sample = self.sample();
                 on_sample(self.index, &sample);
             }
+            if requests.pause.load(Ordering::Acquire) {
+                requests.park_while_paused();
+                continue;
+            }
             if let VcpuEvent::Stopped(stop) = self.run_once()? {
                 return Ok(Some(stop));
             }
@@ -408,6 +466,26 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn pause_parks_until_resumed_or_stopped() {
+        for end_with_stop in [false, true] {
+            let requests = Arc::new(VcpuRequests::default());
+            requests.pause.store(true, Ordering::Release);
+            let thread_requests = requests.clone();
+            let vcpu = std::thread::spawn(move || thread_requests.park_while_paused());
+            assert!(requests.wait_parked(Duration::from_secs(10)));
+            assert!(!vcpu.is_finished());
+            if end_with_stop {
+                requests.request_stop();
+            } else {
+                requests.resume();
+            }
+            vcpu.join().unwrap();
+            assert!(!requests.wait_parked(Duration::ZERO));
+        }
+    }
 
     fn sample(rip: u64, halted: bool) -> VcpuSample {
         VcpuSample {

@@ -1,0 +1,260 @@
+//! Answers Firecracker API requests, in two phases that are two methods: [`ApiController::pre_boot`]
+//! accumulates [`VmResources`] until `InstanceStart`; [`ApiController::runtime`] acts on the running
+//! VM. A request that belongs to the other phase is answered with Firecracker's fault message.
+
+use api::http::HttpResponse;
+use api::models::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
+use api::routes::ApiRequest;
+use serde::Serialize;
+
+use crate::machine::RunningVm;
+use crate::resources::{ResourceError, VmResources};
+
+/// The Firecracker API version Kiln serves (its OpenAPI document's version).
+pub const API_VERSION: &str = "1.17.0";
+
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+
+/// What a pre-boot request leads to.
+pub enum PreBoot {
+    /// Answer it.
+    Reply(HttpResponse),
+    /// `InstanceStart`: build and start the VM from the resources, then answer 204 (or the
+    /// build error as a 400).
+    Start,
+}
+
+/// The API's view of one microVM.
+pub struct ApiController {
+    id: String,
+    resources: VmResources,
+}
+
+fn json<T: Serialize>(value: &T) -> HttpResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => HttpResponse::json(200, body),
+        Err(e) => HttpResponse::fault(500, &format!("serializing the answer: {e}")),
+    }
+}
+
+fn fault(message: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::fault(400, &message.to_string())
+}
+
+fn done(result: Result<(), ResourceError>) -> HttpResponse {
+    match result {
+        Ok(()) => HttpResponse::no_content(),
+        Err(e) => fault(e),
+    }
+}
+
+impl ApiController {
+    /// A controller for instance `id` starting from `resources` (empty, or a config file's).
+    pub fn new(id: String, resources: VmResources) -> Self {
+        Self { id, resources }
+    }
+
+    /// The resources as they stand.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    fn instance_info(&self, state: InstanceState) -> HttpResponse {
+        json(&InstanceInfo {
+            app_name: "Kiln".to_string(),
+            id: self.id.clone(),
+            state,
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    /// Requests either phase answers the same way; `None` for the others.
+    fn common(&self, request: &ApiRequest, state: InstanceState) -> Option<HttpResponse> {
+        Some(match request {
+            ApiRequest::GetInstanceInfo => self.instance_info(state),
+            ApiRequest::GetVersion => json(&FirecrackerVersion {
+                firecracker_version: API_VERSION.to_string(),
+            }),
+            ApiRequest::GetMachineConfig => json(&self.resources.machine_config),
+            ApiRequest::GetVmConfig => json(&self.resources.full_config()),
+            _ => return None,
+        })
+    }
+
+    /// Handles a request before `InstanceStart`.
+    pub fn pre_boot(&mut self, request: ApiRequest) -> PreBoot {
+        if let Some(response) = self.common(&request, InstanceState::NotStarted) {
+            return PreBoot::Reply(response);
+        }
+        let r = &mut self.resources;
+        let response = match request {
+            ApiRequest::Action(ActionType::InstanceStart) => return PreBoot::Start,
+            ApiRequest::PutBootSource(boot) => {
+                r.boot_source = Some(boot);
+                HttpResponse::no_content()
+            }
+            ApiRequest::PutMachineConfig(config) => {
+                r.machine_config = config;
+                HttpResponse::no_content()
+            }
+            ApiRequest::PatchMachineConfig(patch) => done(r.patch_machine_config(&patch)),
+            ApiRequest::PutDrive(drive) => done(r.put_drive(drive)),
+            ApiRequest::PutNetworkInterface(net) => done(r.put_net(net)),
+            ApiRequest::PutEntropy(entropy) => {
+                r.entropy = Some(entropy);
+                HttpResponse::no_content()
+            }
+            ApiRequest::PutSerial(serial) => done(r.put_serial(serial)),
+            ApiRequest::PutVsock(_) => fault(
+                "Kiln has no vsock device yet (it comes with the hybrid-vsock work); \
+                 start the microVM without PUT /vsock",
+            ),
+            ApiRequest::PutLogger(_) => {
+                fault("Kiln does not support PUT /logger yet: its log goes to stderr")
+            }
+            ApiRequest::PutMetrics(_) => fault("Kiln does not support PUT /metrics yet"),
+            ApiRequest::PatchDrive(_)
+            | ApiRequest::PatchNetworkInterface(_)
+            | ApiRequest::PatchVm(_)
+            | ApiRequest::Action(ActionType::SendCtrlAltDel | ActionType::FlushMetrics) => {
+                fault(NOT_BEFORE_START)
+            }
+            ApiRequest::GetInstanceInfo
+            | ApiRequest::GetVersion
+            | ApiRequest::GetMachineConfig
+            | ApiRequest::GetVmConfig => unreachable_common(),
+        };
+        PreBoot::Reply(response)
+    }
+
+    /// Handles a request while the VM runs.
+    pub fn runtime(&mut self, request: ApiRequest, vm: &mut RunningVm<'_>) -> HttpResponse {
+        let state = if vm.is_paused() {
+            InstanceState::Paused
+        } else {
+            InstanceState::Running
+        };
+        if let Some(response) = self.common(&request, state) {
+            return response;
+        }
+        match request {
+            ApiRequest::PatchVm(VmState::Paused) => match vm.pause() {
+                Ok(()) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Failed to pause the microVM: {e}")),
+            },
+            ApiRequest::PatchVm(VmState::Resumed) => {
+                vm.resume();
+                HttpResponse::no_content()
+            }
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                fault("The microVM is already running.")
+            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                fault("Kiln cannot send Ctrl+Alt+Del yet (no keyboard on the i8042)")
+            }
+            ApiRequest::Action(ActionType::FlushMetrics) => {
+                fault("Metrics are not configured: PUT /metrics is not supported yet")
+            }
+            ApiRequest::PatchDrive(_) | ApiRequest::PatchNetworkInterface(_) => {
+                fault("Kiln cannot update devices after start yet")
+            }
+            _ => fault(NOT_AFTER_START),
+        }
+    }
+}
+
+/// `common` answered these already.
+fn unreachable_common() -> HttpResponse {
+    HttpResponse::fault(500, "internal error: request routed to the wrong phase")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::routes::parse_request;
+
+    fn pre(c: &mut ApiController, method: &str, path: &str, body: &str) -> HttpResponse {
+        match c.pre_boot(parse_request(method, path, body.as_bytes()).unwrap()) {
+            PreBoot::Reply(r) => r,
+            PreBoot::Start => HttpResponse::no_content(),
+        }
+    }
+
+    fn body(r: &HttpResponse) -> serde_json::Value {
+        serde_json::from_slice(r.body().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn pre_boot_builds_resources_and_answers_gets() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let info = pre(&mut c, "GET", "/", "");
+        assert_eq!(info.status(), 200);
+        assert_eq!(body(&info)["state"], "Not started");
+        assert_eq!(body(&info)["id"], "vm1");
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path":"/k","boot_args":"console=ttyS0"}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":256}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/r","is_root_device":true,"is_read_only":false}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/drives/other",
+            r#"{"drive_id":"other","path_on_host":"/o","is_root_device":true}"#,
+        );
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            body(&r)["fault_message"],
+            "A root block device already exists!"
+        );
+        let config = body(&pre(&mut c, "GET", "/vm/config", ""));
+        assert_eq!(config["machine-config"]["vcpu_count"], 2);
+        assert_eq!(config["drives"][0]["drive_id"], "rootfs");
+        assert_eq!(config["boot-source"]["kernel_image_path"], "/k");
+        assert_eq!(
+            body(&pre(&mut c, "GET", "/version", ""))["firecracker_version"],
+            API_VERSION
+        );
+    }
+
+    #[test]
+    fn runtime_only_requests_are_refused_before_start() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        for (method, path, payload) in [
+            ("PATCH", "/vm", r#"{"state":"Paused"}"#),
+            ("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#),
+            (
+                "PATCH",
+                "/drives/d",
+                r#"{"drive_id":"d","path_on_host":"/x"}"#,
+            ),
+        ] {
+            let r = pre(&mut c, method, path, payload);
+            assert_eq!(r.status(), 400);
+            assert_eq!(body(&r)["fault_message"], NOT_BEFORE_START);
+        }
+        let start = c.pre_boot(
+            parse_request("PUT", "/actions", br#"{"action_type":"InstanceStart"}"#).unwrap(),
+        );
+        assert!(matches!(start, PreBoot::Start));
+    }
+}
