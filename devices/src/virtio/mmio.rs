@@ -719,6 +719,56 @@ mod tests {
         assert_eq!(read(&mut t, reg::CONFIG_GENERATION), gen + 1);
     }
 
+    /// The VMM's flow for `PATCH /drives/{id}` after boot: swap the image under the device lock,
+    /// then `config_changed`. The guest reads the new capacity through the transport and is
+    /// interrupted with INT_CONFIG.
+    #[test]
+    fn block_capacity_change_reaches_the_guest() {
+        use crate::virtio::block::{Block, BlockConfig};
+        let dir = std::env::temp_dir().join(format!("kiln-mmio-{}-resize", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (small, big) = (dir.join("small.img"), dir.join("big.img"));
+        std::fs::write(&small, [0u8; 4096]).unwrap();
+        std::fs::write(&big, [0u8; 1 << 20]).unwrap();
+        let block = Arc::new(Mutex::new(
+            Block::new(&BlockConfig {
+                id: "rootfs".into(),
+                path: small,
+                read_only: false,
+                rate_limiter: Default::default(),
+            })
+            .unwrap(),
+        ));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        // The VMM keeps the typed handle; the transport gets the same device as a trait object.
+        let mut t = MmioTransport::new(mem, block.clone(), interrupt.clone());
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x1000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(lock(t.device()).is_activated());
+        let capacity = |t: &mut MmioTransport| {
+            let mut cap = [0u8; 8];
+            t.read(reg::CONFIG, &mut cap);
+            u64::from_le_bytes(cap)
+        };
+        assert_eq!(capacity(&mut t), 8);
+        let generation = read(&mut t, reg::CONFIG_GENERATION);
+
+        block.lock().unwrap().update_disk(&big).unwrap();
+        t.config_changed();
+
+        assert_eq!(capacity(&mut t), 2048);
+        assert_eq!(read(&mut t, reg::CONFIG_GENERATION), generation + 1);
+        assert_eq!(
+            read(&mut t, reg::INTERRUPT_STATUS),
+            super::super::INT_CONFIG
+        );
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+        write(&mut t, reg::INTERRUPT_ACK, super::super::INT_CONFIG);
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
     #[test]
     fn odd_widths_and_offsets_are_harmless() {
         let (mut t, _) = setup();

@@ -119,6 +119,33 @@ impl DiskFile {
         &self.path
     }
 
+    /// True when `path` names the file this disk has open (same device and inode, whatever the
+    /// spelling of the path: a symlink or another hard link counts). False when `path` cannot be
+    /// looked up.
+    pub fn is_same_file(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+
+    /// Re-reads the size of the open file (it may have been resized since it was opened) and
+    /// records `path` as its name, keeping the descriptor and its lock. `path` must name the
+    /// same file ([`is_same_file`](Self::is_same_file)). On error nothing changes.
+    pub fn refresh(&mut self, path: &Path) -> Result<(), DiskError> {
+        let size = self
+            .file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        self.capacity_sectors = size / SECTOR_SIZE;
+        self.path = path.to_owned();
+        Ok(())
+    }
+
     fn check_range(&self, sector: u64, sectors: u64) -> Result<u64, IoError> {
         let out_of_range = || IoError::OutOfRange {
             sector,

@@ -9,7 +9,7 @@ pub mod disk;
 mod event_handler;
 pub mod request;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -145,6 +145,50 @@ impl Block {
     /// The disk's capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.capacity_sectors()
+    }
+
+    /// The image currently behind the drive.
+    pub fn path(&self) -> &Path {
+        self.disk.path()
+    }
+
+    /// Puts the image at `path` behind the drive (Firecracker's `PATCH /drives/{id}` after boot),
+    /// opened and locked like the first one: read-only iff the drive is. The capacity in config
+    /// space follows the new image at once; the guest only looks again once told, so the caller
+    /// must then call [`MmioTransport::config_changed`](crate::virtio::mmio::MmioTransport::config_changed).
+    ///
+    /// No request is ever half done here: requests are served synchronously by
+    /// [`process_queue`](Self::process_queue), on the event-loop thread, under the same device
+    /// lock the caller holds to get `&mut self`. Every request taken from the queue before this
+    /// call completed on the old image; every later one is served by the new image.
+    ///
+    /// When `path` is the file already open (same inode, e.g. the image was resized in place), a
+    /// second open could not take the exclusive lock the drive itself holds, so the open file is
+    /// kept, lock and all, and only its size is re-read. Otherwise the new image is opened first
+    /// and the old one (and its lock) is closed only once that succeeded: on any error the drive
+    /// keeps serving the old image unchanged.
+    pub fn update_disk(&mut self, path: &Path) -> Result<(), BlockError> {
+        match DiskFile::open(path, self.disk.read_only()) {
+            Ok(disk) => {
+                self.disk = disk;
+                Ok(())
+            }
+            Err(DiskError::Locked { .. }) if self.disk.is_same_file(path) => {
+                Ok(self.disk.refresh(path)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces the rate limiter's buckets (Firecracker's `PATCH /drives/{id}` with a
+    /// `rate_limiter`). `config` is the whole new configuration: a bucket it leaves out stops
+    /// limiting, so a caller applying a partial update merges it with the drive's current
+    /// configuration first. Both buckets start full. An invalid `config` changes nothing.
+    /// A limiter that is holding requests back retries them at once against the new buckets.
+    pub fn update_rate_limiter(&mut self, config: &RateLimiterConfig) -> Result<(), BlockError> {
+        config.validate()?;
+        self.rate_limiter.update_buckets(config);
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_SIZE] {
@@ -357,7 +401,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::request::tests::{desc, mem, write_header, WRITE};
     use super::*;
-    use std::path::Path;
+    use crate::rate_limiter::TokenBucketConfig;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
 
@@ -643,5 +687,238 @@ mod tests {
         activate(&mut dev, &mem, &vq);
         dev.process_queue();
         assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    /// Reads `sector` through the queue (one IN request, data at 0x30_0000, status at 0x40_0000)
+    /// and returns the status and the data.
+    fn read_sector(
+        dev: &mut Block,
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        sector: u64,
+    ) -> (u8, Vec<u8>) {
+        write_header(mem, 0x10_0000, T_IN, sector);
+        mem.write_slice(&[0u8; 512], GuestAddress(0x30_0000))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x40_0000)).unwrap();
+        super::super::test_queue::add_chains(
+            vq,
+            &[&[
+                desc(0x10_0000, 16, 0),
+                desc(0x30_0000, 512, WRITE),
+                desc(0x40_0000, 1, WRITE),
+            ]],
+        );
+        dev.process_queue();
+        let mut data = vec![0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(0x30_0000)).unwrap();
+        (status_at(mem, 0x40_0000), data)
+    }
+
+    fn config_capacity(dev: &Block) -> u64 {
+        let mut cap = [0u8; 8];
+        dev.read_config(0, &mut cap);
+        u64::from_le_bytes(cap)
+    }
+
+    #[test]
+    fn swapped_image_serves_later_requests() {
+        let old = image("swap-old", &[0x11; 4096]);
+        let new = image("swap-new", &[0x22; 16384]);
+        let mem = mem();
+        let mut dev = block(&old, false);
+        let vq = MockSplitQueue::new(&mem, 16);
+        activate(&mut dev, &mem, &vq);
+        assert_eq!(
+            read_sector(&mut dev, &mem, &vq, 0),
+            (status::OK, vec![0x11; 512])
+        );
+        assert_eq!(read_sector(&mut dev, &mem, &vq, 20).0, status::IOERR);
+
+        dev.update_disk(&new).unwrap();
+        assert_eq!(dev.capacity_sectors(), 32);
+        assert_eq!(config_capacity(&dev), 32);
+        assert_eq!(dev.path(), new);
+        assert_eq!(
+            read_sector(&mut dev, &mem, &vq, 0),
+            (status::OK, vec![0x22; 512])
+        );
+        assert_eq!(
+            read_sector(&mut dev, &mem, &vq, 20),
+            (status::OK, vec![0x22; 512])
+        );
+        assert!(dev.is_activated());
+        // The old image was closed, and its lock with it.
+        DiskFile::open(&old, false).unwrap();
+        // The new one is held.
+        assert!(matches!(
+            DiskFile::open(&new, true),
+            Err(DiskError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_swap_keeps_the_old_image() {
+        let old = image("swap-keep", &[0x11; 4096]);
+        let busy = image("swap-busy", &[0x22; 16384]);
+        let mem = mem();
+        let mut dev = block(&old, false);
+        let vq = MockSplitQueue::new(&mem, 16);
+        activate(&mut dev, &mem, &vq);
+
+        assert!(matches!(
+            dev.update_disk(&old.with_extension("missing")),
+            Err(BlockError::Disk(DiskError::Open { .. }))
+        ));
+        // Locked by someone else (another VMM): not to be mistaken for a reopen.
+        let other = DiskFile::open(&busy, false).unwrap();
+        assert!(matches!(
+            dev.update_disk(&busy),
+            Err(BlockError::Disk(DiskError::Locked { .. }))
+        ));
+        drop(other);
+        assert!(matches!(
+            dev.update_disk(old.parent().unwrap()),
+            Err(BlockError::Disk(
+                DiskError::NotAFile { .. } | DiskError::Open { .. }
+            ))
+        ));
+
+        assert_eq!(dev.path(), old);
+        assert_eq!(config_capacity(&dev), 8);
+        assert_eq!(
+            read_sector(&mut dev, &mem, &vq, 7),
+            (status::OK, vec![0x11; 512])
+        );
+        // Still locked by the drive.
+        assert!(matches!(
+            DiskFile::open(&old, true),
+            Err(DiskError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn swap_to_the_same_image_rereads_its_size() {
+        let path = image("swap-same", &[0x11; 4096]);
+        let mem = mem();
+        let mut dev = block(&path, false);
+        let vq = MockSplitQueue::new(&mem, 16);
+        activate(&mut dev, &mem, &vq);
+        // Grown in place, as when a placeholder drive's file is resized before the PATCH.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        dev.update_disk(&path).unwrap();
+        assert_eq!(config_capacity(&dev), 16);
+        assert_eq!(
+            read_sector(&mut dev, &mem, &vq, 12),
+            (status::OK, vec![0; 512])
+        );
+        // The drive kept its exclusive lock throughout.
+        assert!(matches!(
+            DiskFile::open(&path, true),
+            Err(DiskError::Locked { .. })
+        ));
+        // Another name for the same file is the same file.
+        let link = path.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        dev.update_disk(&link).unwrap();
+        assert_eq!(dev.path(), link);
+
+        // A read-only drive's shared lock lets the image be opened again: a plain swap.
+        drop(dev);
+        let mut ro = block(&path, true);
+        ro.update_disk(&path).unwrap();
+        assert_eq!(ro.capacity_sectors(), 16);
+    }
+
+    #[test]
+    fn read_only_drive_stays_read_only_after_swap() {
+        let old = image("swap-ro-old", &[0x11; 4096]);
+        let new = image("swap-ro-new", &[0x22; 8192]);
+        let mem = mem();
+        let mut dev = block(&old, true);
+        let vq = MockSplitQueue::new(&mem, 16);
+        activate(&mut dev, &mem, &vq);
+        dev.update_disk(&new).unwrap();
+        assert!(dev.disk.read_only());
+        assert_ne!(dev.avail_features() & feature::RO, 0);
+        write_header(&mem, 0x10_0000, T_OUT, 0);
+        super::super::test_queue::add_chains(
+            &vq,
+            &[&[
+                desc(0x10_0000, 16, 0),
+                desc(0x20_0000, 512, 0),
+                desc(0x40_0000, 1, WRITE),
+            ]],
+        );
+        dev.process_queue();
+        assert_eq!(status_at(&mem, 0x40_0000), status::IOERR);
+        assert_eq!(std::fs::read(&new).unwrap(), vec![0x22; 8192]);
+        // Opened under a shared lock: other readers may, writers may not.
+        DiskFile::open(&new, true).unwrap();
+        assert!(matches!(
+            DiskFile::open(&new, false),
+            Err(DiskError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn rate_limiter_update_takes_effect() {
+        let path = image("limit-update", &[0u8; 4096]);
+        let mem = mem();
+        let mut dev = block(&path, false);
+        let vq = MockSplitQueue::new(&mem, 16);
+        activate(&mut dev, &mem, &vq);
+        let flushes = |n: usize| {
+            write_header(&mem, 0x10_0000, T_FLUSH, 0);
+            let chain = [desc(0x10_0000, 16, 0), desc(0x40_0000, 1, WRITE)];
+            super::super::test_queue::add_chains(&vq, &vec![&chain[..]; n]);
+        };
+        flushes(2);
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 2, "unlimited at first");
+
+        let one_op = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 100_000,
+            }),
+        };
+        dev.update_rate_limiter(&one_op).unwrap();
+        flushes(2);
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 3, "one op, then held back");
+        assert!(dev.rate_limiter.is_blocked());
+
+        // An invalid config is refused and changes nothing.
+        let invalid = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 0,
+            }),
+            ops: None,
+        };
+        assert!(matches!(
+            dev.update_rate_limiter(&invalid),
+            Err(BlockError::RateLimiter(_))
+        ));
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 3);
+
+        // Lifting the limit wakes the event loop at once to retry the held request.
+        dev.update_rate_limiter(&RateLimiterConfig::default())
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        dev.rate_limiter.event_handler().unwrap();
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 4);
     }
 }

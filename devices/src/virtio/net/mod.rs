@@ -265,6 +265,33 @@ impl<B: NetBackend> Net<B> {
         &self.id
     }
 
+    /// Replaces the buckets of the receive and/or transmit rate limiter (Firecracker's
+    /// `PATCH /network-interfaces/{id}`); `None` leaves that limiter as it is. Each given config is
+    /// the limiter's whole new configuration: a bucket it leaves out stops limiting, so a caller
+    /// applying a partial update merges it with the current configuration first. New buckets
+    /// start full, and a limiter that is holding frames back retries them at once.
+    ///
+    /// Both configs are validated before either is applied, so an error changes nothing.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        if let Some(rx) = rx {
+            rx.validate().map_err(NetError::RxRateLimiter)?;
+        }
+        if let Some(tx) = tx {
+            tx.validate().map_err(NetError::TxRateLimiter)?;
+        }
+        if let Some(rx) = rx {
+            self.rx_rate_limiter.update_buckets(rx);
+        }
+        if let Some(tx) = tx {
+            self.tx_rate_limiter.update_buckets(tx);
+        }
+        Ok(())
+    }
+
     /// The counters so far.
     pub fn counters(&self) -> NetCounters {
         NetCounters {
