@@ -1,13 +1,14 @@
 //! Legacy PC devices on the port I/O bus: the 16550 UART and the i8042 controller.
 //!
-//! Both wrap vm-superio's device models; this module adds the bus glue and the eventfd triggers
-//! that connect them to KVM (an irqfd for the UART's interrupt line, an eventfd the VMM waits on for
-//! the i8042's CPU-reset command).
+//! The UART wraps vm-superio's model; the i8042 is Kiln's own (a controller with one PS/2
+//! keyboard). This module adds the bus glue and the eventfd triggers that connect them to KVM
+//! (irqfds for the UART's and the keyboard's interrupt lines, an eventfd the VMM waits on for the
+//! i8042's CPU-reset command).
 
 mod i8042;
 mod serial;
 
-pub use i8042::I8042;
+pub use i8042::{I8042Error, I8042};
 pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 pub use serial::{SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 
