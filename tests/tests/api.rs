@@ -100,6 +100,14 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
     assert_eq!(status, 200);
     assert!(body.contains(r#""vcpu_count":2"#), "{body}");
 
+    let disk_a = write(&dir, "a.img", &[0u8; 4096]);
+    let disk_b = write(&dir, "b.img", &[0u8; 65536]);
+    let drive = format!(
+        r#"{{"drive_id":"drive1","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+        disk_a.display()
+    );
+    assert_eq!(call(&sock, "PUT", "/drives/drive1", &drive).0, 204);
+
     let start = r#"{"action_type":"InstanceStart"}"#;
     let (status, body) = call(&sock, "PUT", "/actions", start);
     assert_eq!(status, 204, "{body}");
@@ -117,6 +125,26 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
     assert!(call(&sock, "GET", "/", "")
         .1
         .contains(r#""state":"Running""#));
+
+    // Kata's hot-plug: a placeholder drive gets its real backing file after start.
+    let patch = format!(
+        r#"{{"drive_id":"drive1","path_on_host":"{}"}}"#,
+        disk_b.display()
+    );
+    let (status, body) = call(&sock, "PATCH", "/drives/drive1", &patch);
+    assert_eq!(status, 204, "{body}");
+    let (_, config) = call(&sock, "GET", "/vm/config", "");
+    assert!(config.contains("b.img"), "{config}");
+    let missing = r#"{"drive_id":"drive1","path_on_host":"/nonexistent/c.img"}"#;
+    let (status, body) = call(&sock, "PATCH", "/drives/drive1", missing);
+    assert_eq!(status, 400);
+    assert!(body.contains("Unable to patch the block device"), "{body}");
+    let limits = r#"{"drive_id":"drive1","rate_limiter":{"ops":{"size":100,"refill_time":1000}}}"#;
+    assert_eq!(call(&sock, "PATCH", "/drives/drive1", limits).0, 204);
+    let unknown = r#"{"drive_id":"nodrive","path_on_host":"/x"}"#;
+    assert_eq!(call(&sock, "PATCH", "/drives/nodrive", unknown).0, 400);
+    let cad = r#"{"action_type":"SendCtrlAltDel"}"#;
+    assert_eq!(call(&sock, "PUT", "/actions", cad).0, 204);
 
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

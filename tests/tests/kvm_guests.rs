@@ -198,9 +198,10 @@ fn serial_output_and_i8042_reset() {
         .unwrap();
     io_bus
         .insert(
-            Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
-                reset.try_clone().unwrap(),
-            )))),
+            Arc::new(Mutex::new(I8042::new(
+                EventFdTrigger::new(reset.try_clone().unwrap()),
+                EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            ))),
             0x60,
             5,
         )

@@ -2,8 +2,13 @@
 //! accumulates [`VmResources`] until `InstanceStart`; [`ApiController::runtime`] acts on the running
 //! VM. A request that belongs to the other phase is answered with Firecracker's fault message.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use api::http::HttpResponse;
-use api::models::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
+use api::models::{
+    ActionType, FirecrackerVersion, InstanceInfo, InstanceState, PartialDrive,
+    PartialNetworkInterface, RateLimiterConfig, VmState,
+};
 use api::routes::ApiRequest;
 use serde::Serialize;
 
@@ -153,17 +158,111 @@ impl ApiController {
                 fault("The microVM is already running.")
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {
-                fault("Kiln cannot send Ctrl+Alt+Del yet (no keyboard on the i8042)")
+                match locked(&vm.devices().i8042).trigger_ctrl_alt_del() {
+                    Ok(()) => HttpResponse::no_content(),
+                    Err(e) => fault(format!("Failed to send Ctrl+Alt+Del: {e}")),
+                }
             }
             ApiRequest::Action(ActionType::FlushMetrics) => {
                 fault("Metrics are not configured: PUT /metrics is not supported yet")
             }
-            ApiRequest::PatchDrive(_) | ApiRequest::PatchNetworkInterface(_) => {
-                fault("Kiln cannot update devices after start yet")
-            }
+            ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
+                Ok(()) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Unable to patch the block device: {e}")),
+            },
+            ApiRequest::PatchNetworkInterface(patch) => match self.patch_net(&patch, vm) {
+                Ok(()) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Unable to patch the network interface: {e}")),
+            },
             _ => fault(NOT_AFTER_START),
         }
     }
+}
+
+impl ApiController {
+    /// `PATCH /drives/{id}` after boot: a new backing file (the guest is told its capacity may
+    /// have changed) and/or new rate limits (buckets left out keep their settings).
+    fn patch_drive(&mut self, patch: &PartialDrive, vm: &RunningVm<'_>) -> Result<(), String> {
+        let attached = vm
+            .devices()
+            .drives
+            .iter()
+            .find(|d| d.id == patch.drive_id)
+            .ok_or_else(|| format!("no drive with id {}", patch.drive_id))?;
+        let stored = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == patch.drive_id)
+            .ok_or_else(|| format!("no drive with id {}", patch.drive_id))?;
+        if let Some(path) = &patch.path_on_host {
+            locked(&attached.device)
+                .update_disk(path)
+                .map_err(|e| e.to_string())?;
+            locked(&attached.transport).config_changed();
+            stored.path_on_host = Some(path.clone());
+        }
+        if let Some(limits) = &patch.rate_limiter {
+            let merged = merge_limits(stored.rate_limiter.unwrap_or_default(), limits);
+            locked(&attached.device)
+                .update_rate_limiter(&merged)
+                .map_err(|e| e.to_string())?;
+            stored.rate_limiter = Some(merged);
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` after boot: new rx and/or tx rate limits.
+    fn patch_net(
+        &mut self,
+        patch: &PartialNetworkInterface,
+        vm: &RunningVm<'_>,
+    ) -> Result<(), String> {
+        let attached = vm
+            .devices()
+            .nets
+            .iter()
+            .find(|n| n.id == patch.iface_id)
+            .ok_or_else(|| format!("no network interface with id {}", patch.iface_id))?;
+        let stored = self
+            .resources
+            .nets
+            .iter_mut()
+            .find(|n| n.iface_id == patch.iface_id)
+            .ok_or_else(|| format!("no network interface with id {}", patch.iface_id))?;
+        let rx = patch
+            .rx_rate_limiter
+            .as_ref()
+            .map(|p| merge_limits(stored.rx_rate_limiter.unwrap_or_default(), p));
+        let tx = patch
+            .tx_rate_limiter
+            .as_ref()
+            .map(|p| merge_limits(stored.tx_rate_limiter.unwrap_or_default(), p));
+        locked(&attached.device)
+            .update_rate_limiters(rx.as_ref(), tx.as_ref())
+            .map_err(|e| e.to_string())?;
+        if rx.is_some() {
+            stored.rx_rate_limiter = rx;
+        }
+        if tx.is_some() {
+            stored.tx_rate_limiter = tx;
+        }
+        Ok(())
+    }
+}
+
+/// Firecracker's PATCH semantics for rate limiters: a bucket left out keeps its settings.
+fn merge_limits(old: RateLimiterConfig, patch: &RateLimiterConfig) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: patch.bandwidth.or(old.bandwidth),
+        ops: patch.ops.or(old.ops),
+    }
+}
+
+/// Locks a device, going on if a thread panicked while holding it: the device's own state checks
+/// still hold, and refusing every later call would only wedge the API.
+fn locked<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `common` answered these already.
@@ -234,6 +333,26 @@ mod tests {
             body(&pre(&mut c, "GET", "/version", ""))["firecracker_version"],
             API_VERSION
         );
+    }
+
+    #[test]
+    fn patched_rate_limits_keep_buckets_left_out() {
+        let bucket = |size| api::models::TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let old = RateLimiterConfig {
+            bandwidth: Some(bucket(1000)),
+            ops: Some(bucket(10)),
+        };
+        let patch = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(20)),
+        };
+        let merged = merge_limits(old, &patch);
+        assert_eq!(merged.bandwidth, Some(bucket(1000)));
+        assert_eq!(merged.ops, Some(bucket(20)));
     }
 
     #[test]

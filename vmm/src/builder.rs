@@ -180,11 +180,11 @@ pub fn build_microvm(
         })?;
     let mut devices = DeviceManager::new(&vm, console_out)?;
     // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
-    for drive in drives {
-        devices.attach_virtio(&vm, &mem, drive)?;
+    for (drive, block) in config.drives.iter().zip(drives) {
+        devices.attach_drive(&vm, &mem, drive.id.clone().unwrap_or_default(), block)?;
     }
-    for net in nets {
-        devices.attach_virtio(&vm, &mem, net)?;
+    for (net_config, net) in config.nets.iter().zip(nets) {
+        devices.attach_net(&vm, &mem, net_config.id.clone().unwrap_or_default(), net)?;
     }
     if let Some(rng) = rng {
         devices.attach_virtio(&vm, &mem, rng)?;

@@ -28,6 +28,16 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MMIO_GAP_ST
 use crate::device_config::{DriveConfig, NetConfig, RngConfig};
 use crate::vstate::vm::Vm;
 
+/// A virtio device as the VMM keeps it for runtime updates (PATCH after boot).
+pub struct AttachedDevice<D> {
+    /// The device's id (drive_id, iface_id).
+    pub id: String,
+    /// The device itself.
+    pub device: Arc<Mutex<D>>,
+    /// Its transport, to tell the guest that config space changed.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A device's event handler, as the VMM's event loop holds it.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -64,6 +74,8 @@ impl VirtioSlot {
 
 /// COM1's interrupt line.
 const SERIAL_GSI: u32 = 4;
+/// The i8042 keyboard's interrupt line.
+const KEYBOARD_GSI: u32 = 1;
 
 /// Errors in creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -143,10 +155,16 @@ pub struct DeviceManager {
     pub console: Arc<Mutex<SerialConsole>>,
     /// Fires when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
+    /// The keyboard controller, which can send the guest Ctrl+Alt+Del.
+    pub i8042: Arc<Mutex<I8042>>,
     /// The virtio devices' slots, in attach order.
     pub virtio_slots: Vec<VirtioSlot>,
     /// The virtio devices' event handlers, for the event loop.
     pub subscribers: Vec<SharedSubscriber>,
+    /// Block devices, for runtime updates.
+    pub drives: Vec<AttachedDevice<Block>>,
+    /// Network devices, for runtime updates.
+    pub nets: Vec<AttachedDevice<Net>>,
 }
 
 impl DeviceManager {
@@ -171,27 +189,75 @@ impl DeviceManager {
         // Blocking: the VMM's reset watcher waits on it.
         let reset_evt = EventFd::new(0).map_err(DeviceError::EventFd)?;
         let reset_trigger = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_trigger))));
-        io_bus.insert(i8042, I8042_PORT_BASE, I8042_PORT_LEN)?;
+        let kbd_irq = eventfd()?;
+        vm.fd()
+            .register_irqfd(&kbd_irq, KEYBOARD_GSI)
+            .map_err(|source| DeviceError::Irqfd {
+                gsi: KEYBOARD_GSI,
+                source,
+            })?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            EventFdTrigger::new(reset_trigger),
+            EventFdTrigger::new(kbd_irq),
+        )));
+        io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
 
         Ok(Self {
             io_bus,
             mmio_bus: Bus::new(),
             console,
             reset_evt,
+            i8042,
             virtio_slots: Vec::new(),
             subscribers: Vec::new(),
+            drives: Vec::new(),
+            nets: Vec::new(),
         })
     }
 
+    /// Attaches a block device and keeps it for runtime updates under `id`.
+    pub fn attach_drive(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        id: String,
+        block: Block,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let (slot, device, transport) = self.attach_virtio(vm, mem, block)?;
+        self.drives.push(AttachedDevice {
+            id,
+            device,
+            transport,
+        });
+        Ok(slot)
+    }
+
+    /// Attaches a network device and keeps it for runtime updates under `id`.
+    pub fn attach_net(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        id: String,
+        net: Net,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let (slot, device, transport) = self.attach_virtio(vm, mem, net)?;
+        self.nets.push(AttachedDevice {
+            id,
+            device,
+            transport,
+        });
+        Ok(slot)
+    }
+
     /// Puts `device` in the next slot: transport on the MMIO bus, an ioeventfd per queue, an irqfd,
-    /// and its event handler for the event loop.
+    /// and its event handler for the event loop. Returns the slot, the device and its transport.
+    #[allow(clippy::type_complexity)]
     pub fn attach_virtio<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
         device: D,
-    ) -> Result<VirtioSlot, DeviceError>
+    ) -> Result<(VirtioSlot, Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>), DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
@@ -215,13 +281,16 @@ impl DeviceManager {
                 source,
             })?;
         let device = Arc::new(Mutex::new(device));
-        let transport =
-            MmioTransport::new(mem.clone(), device.clone(), Arc::new(Interrupt::new(irq)));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            mem.clone(),
+            device.clone(),
+            Arc::new(Interrupt::new(irq)),
+        )));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW_SIZE)?;
-        self.subscribers.push(device);
+            .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
+        self.subscribers.push(device.clone());
         self.virtio_slots.push(slot);
-        Ok(slot)
+        Ok((slot, device, transport))
     }
 }
 
