@@ -198,3 +198,23 @@ fn config_file_boots_without_an_api() {
     assert_eq!(out.code(), 2, "{out:?}");
     assert!(out.stderr.contains("bogus"), "{out:?}");
 }
+
+#[test]
+fn a_stop_signal_before_start_removes_the_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api-preboot-signal");
+    let sock = dir.join("api.sock");
+    let child = spawn_kiln(&["--api-sock", sock.to_str().unwrap()]);
+    wait_for_socket(&sock);
+    assert_eq!(call(&sock, "GET", "/", "").0, 200);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = wait_with_deadline(child, DEADLINE);
+    assert_eq!(out.code(), 128 + 15, "{out:?}");
+    assert!(!sock.exists(), "the socket is removed on exit");
+}

@@ -183,13 +183,15 @@ impl MicroVm {
     /// Starts the vCPUs and runs until the guest ends, a vCPU fails or a stop signal arrives.
     pub fn run(self, forward_stdin: bool) -> std::io::Result<ExitReason> {
         let (tx, rx) = mpsc::channel();
+        spawn_signal_watcher(tx.clone())?;
         self.run_with(forward_stdin, tx, rx, &mut |_, _| {
             HttpResponse::fault(400, "there is no API in this mode")
         })
     }
 
     /// Like [`Self::run`], on a control channel the caller made (the API thread holds a sender),
-    /// answering API calls with `api`.
+    /// answering API calls with `api`. The caller watches signals ([`spawn_signal_watcher`]), from
+    /// before the VM exists if it likes.
     pub fn run_with(
         mut self,
         forward_stdin: bool,
@@ -199,7 +201,6 @@ impl MicroVm {
     ) -> std::io::Result<ExitReason> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
         self.spawn_reset_watcher(tx.clone())?;
-        spawn_signal_watcher(tx.clone())?;
         if forward_stdin {
             spawn_stdin_forwarder(self.console())?;
         }
@@ -338,7 +339,8 @@ fn spawn_vcpu(mut vcpu: Vcpu, tx: Sender<VmmEvent>) -> std::io::Result<VcpuHandl
     Ok(VcpuHandle { requests, thread })
 }
 
-fn spawn_signal_watcher(tx: Sender<VmmEvent>) -> std::io::Result<()> {
+/// Turns SIGUSR1 (report), SIGINT, SIGTERM and SIGHUP (stop) into control-loop events.
+pub fn spawn_signal_watcher(tx: Sender<VmmEvent>) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGUSR1, SIGINT, SIGTERM, SIGHUP])?;
     thread::Builder::new()
         .name("kiln_signals".into())

@@ -22,7 +22,7 @@ use vmm::cli::{Cli, Command, ProcessArgs, RunArgs};
 use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
 use vmm::guest_images::default_guest;
 use vmm::host_quirks::HostQuirks;
-use vmm::machine::{ApiCall, ExitReason, VmmEvent};
+use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::resources::VmResources;
 use vmm::vstate::vm;
 
@@ -143,6 +143,10 @@ fn serve(args: ProcessArgs) -> ExitCode {
         None => VmResources::default(),
     };
     let (tx, rx) = mpsc::channel();
+    // From here on a stop signal ends Kiln cleanly (the socket guard removes the socket).
+    if let Err(e) = spawn_signal_watcher(tx.clone()) {
+        return fail(EXIT_FAILURE, format!("watching signals: {e}"));
+    }
     let _server = if args.no_api {
         None
     } else {
@@ -182,8 +186,13 @@ fn serve(args: ProcessArgs) -> ExitCode {
             let Ok(event) = rx.recv() else {
                 return fail(EXIT_FAILURE, "internal error: the API thread ended");
             };
-            let VmmEvent::Api(call) = event else {
-                continue;
+            let call = match event {
+                VmmEvent::Api(call) => call,
+                VmmEvent::Signal(signal) if signal != libc::SIGUSR1 => {
+                    eprintln!("kiln: stopped by signal {signal} before the microVM started");
+                    return ExitCode::from(128u8.saturating_add(signal as u8));
+                }
+                _ => continue,
             };
             match controller.pre_boot(call.request) {
                 PreBoot::Reply(response) => {
