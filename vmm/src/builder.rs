@@ -89,8 +89,7 @@ fn device_cmdline_params(config: &VmConfig) -> Result<Vec<String>, DeviceError> 
         .first()
         .filter(|d| d.root)
         .map(|d| format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" }));
-    let count = config.drives.len() + config.nets.len() + usize::from(config.rng.is_some());
-    let slots = (0..count)
+    let slots = (0..config.virtio_device_count())
         .map(|i| {
             VirtioSlot::nth(i)
                 .map(|slot| slot.cmdline_param())
@@ -181,13 +180,17 @@ pub fn build_microvm(
     let mut devices = DeviceManager::new(&vm, console_out)?;
     // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
     for (drive, block) in config.drives.iter().zip(drives) {
-        devices.attach_drive(&vm, &mem, drive.id.clone().unwrap_or_default(), block)?;
+        let id = drive.id.clone().unwrap_or_default();
+        let attached = devices.attach_virtio(&vm, &mem, id, block)?;
+        devices.drives.push(attached);
     }
     for (net_config, net) in config.nets.iter().zip(nets) {
-        devices.attach_net(&vm, &mem, net_config.id.clone().unwrap_or_default(), net)?;
+        let id = net_config.id.clone().unwrap_or_default();
+        let attached = devices.attach_virtio(&vm, &mem, id, net)?;
+        devices.nets.push(attached);
     }
     if let Some(rng) = rng {
-        devices.attach_virtio(&vm, &mem, rng)?;
+        devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
     }
     let event_loop = EventLoop::new(&devices.subscribers)?;
 

@@ -173,12 +173,8 @@ impl VmConfigRequest {
                 host: limits.mem_mib,
             });
         }
-        let count = self.drives.len() + self.nets.len() + usize::from(self.rng.is_some());
-        if count > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(count));
-        }
         let (drives, nets) = name_devices(self.drives, self.nets)?;
-        Ok(VmConfig {
+        let config = VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
@@ -188,7 +184,12 @@ impl VmConfigRequest {
             drives,
             nets,
             rng: self.rng,
-        })
+        };
+        let count = config.virtio_device_count();
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
+        }
+        Ok(config)
     }
 }
 
@@ -226,6 +227,11 @@ fn name_devices(
 }
 
 impl VmConfig {
+    /// How many virtio devices the VM has (drives, nets, rng), each taking one MMIO slot and GSI.
+    pub fn virtio_device_count(&self) -> usize {
+        self.drives.len() + self.nets.len() + usize::from(self.rng.is_some())
+    }
+
     /// Guest RAM in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20

@@ -157,8 +157,6 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// The keyboard controller, which can send the guest Ctrl+Alt+Del.
     pub i8042: Arc<Mutex<I8042>>,
-    /// The virtio devices' slots, in attach order.
-    pub virtio_slots: Vec<VirtioSlot>,
     /// The virtio devices' event handlers, for the event loop.
     pub subscribers: Vec<SharedSubscriber>,
     /// Block devices, for runtime updates.
@@ -208,60 +206,27 @@ impl DeviceManager {
             console,
             reset_evt,
             i8042,
-            virtio_slots: Vec::new(),
             subscribers: Vec::new(),
             drives: Vec::new(),
             nets: Vec::new(),
         })
     }
 
-    /// Attaches a block device and keeps it for runtime updates under `id`.
-    pub fn attach_drive(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        id: String,
-        block: Block,
-    ) -> Result<VirtioSlot, DeviceError> {
-        let (slot, device, transport) = self.attach_virtio(vm, mem, block)?;
-        self.drives.push(AttachedDevice {
-            id,
-            device,
-            transport,
-        });
-        Ok(slot)
-    }
-
-    /// Attaches a network device and keeps it for runtime updates under `id`.
-    pub fn attach_net(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        id: String,
-        net: Net,
-    ) -> Result<VirtioSlot, DeviceError> {
-        let (slot, device, transport) = self.attach_virtio(vm, mem, net)?;
-        self.nets.push(AttachedDevice {
-            id,
-            device,
-            transport,
-        });
-        Ok(slot)
-    }
-
-    /// Puts `device` in the next slot: transport on the MMIO bus, an ioeventfd per queue, an irqfd,
-    /// and its event handler for the event loop. Returns the slot, the device and its transport.
-    #[allow(clippy::type_complexity)]
+    /// Puts `device` (named `id`) in the next slot: transport on the MMIO bus, an ioeventfd per
+    /// queue, an irqfd, and its event handler for the event loop. Returns the device and its
+    /// transport, for callers that update it at runtime.
     pub fn attach_virtio<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
+        id: String,
         device: D,
-    ) -> Result<(VirtioSlot, Arc<Mutex<D>>, Arc<Mutex<MmioTransport>>), DeviceError>
+    ) -> Result<AttachedDevice<D>, DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let slot = VirtioSlot::nth(self.virtio_slots.len()).ok_or(DeviceError::NoSlot)?;
+        // One event handler per virtio device: their count is the next slot's index.
+        let slot = VirtioSlot::nth(self.subscribers.len()).ok_or(DeviceError::NoSlot)?;
         let notify_addr = slot.base + QUEUE_NOTIFY_OFFSET;
         for (queue, evt) in device.queue_events().iter().enumerate() {
             // The datamatch is the queue index the driver writes to QueueNotify.
@@ -289,8 +254,11 @@ impl DeviceManager {
         self.mmio_bus
             .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
         self.subscribers.push(device.clone());
-        self.virtio_slots.push(slot);
-        Ok((slot, device, transport))
+        Ok(AttachedDevice {
+            id,
+            device,
+            transport,
+        })
     }
 }
 
