@@ -227,3 +227,77 @@ pub fn spawn_piped(mut cmd: Command) -> Child {
         .spawn()
         .expect("spawn")
 }
+
+/// Where the tiny test kernels are loaded and entered.
+pub const TINY_LOAD_ADDR: u64 = 0x10_0000;
+
+/// A tiny kernel that writes "KILN-TINY-OK\n" to COM1, then resets through the i8042.
+pub fn hello_elf() -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in b"KILN-TINY-OK\n" {
+        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]); // reset; hlt loop
+    tiny_elf(TINY_LOAD_ADDR, &code)
+}
+
+/// Writes `bytes` to `dir/name` and returns the path.
+pub fn write_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write test file");
+    path
+}
+
+/// The sha256 of a file, as `sha256sum` prints it.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits up to `deadline` for kiln's API socket to appear.
+pub fn wait_for_socket(sock: &std::path::Path, deadline: Duration) {
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < deadline,
+            "{} never appeared",
+            sock.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One API request on a fresh connection to kiln's socket; returns the status and the body.
+pub fn api_call(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(sock).expect("connect to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("socket timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,60 +1,15 @@
 //! Firecracker's API end to end: the real `kiln` binary serving its Unix socket, driven by a plain
 //! HTTP/1.1 client, booting a tiny hand-made kernel (seconds, even on nested KVM).
 
-use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kiln_tests::{kvm_available, scratch_dir, spawn_kiln, tiny_elf, wait_with_deadline};
+use kiln_tests::{
+    api_call as call, hello_elf, kvm_available, scratch_dir, spawn_kiln, tiny_elf, wait_for_socket,
+    wait_with_deadline, write_file, TINY_LOAD_ADDR,
+};
 
-const LOAD_ADDR: u64 = 0x10_0000;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// One request on a fresh connection; returns the status and the body.
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn wait_for_socket(sock: &Path) {
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{} never appeared",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
 
 #[test]
 fn configure_start_pause_resume_and_stop_through_the_socket() {
@@ -62,10 +17,10 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
         return;
     }
     let dir = scratch_dir("api");
-    let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
+    let kernel = write_file(&dir, "spin.elf", &tiny_elf(TINY_LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
     let sock = dir.join("api.sock");
     let child = spawn_kiln(&["--api-sock", sock.to_str().unwrap(), "--id", "api_test"]);
-    wait_for_socket(&sock);
+    wait_for_socket(&sock, DEADLINE);
     let meta = std::fs::symlink_metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(
@@ -100,8 +55,8 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
     assert_eq!(status, 200);
     assert!(body.contains(r#""vcpu_count":2"#), "{body}");
 
-    let disk_a = write(&dir, "a.img", &[0u8; 4096]);
-    let disk_b = write(&dir, "b.img", &[0u8; 65536]);
+    let disk_a = write_file(&dir, "a.img", &[0u8; 4096]);
+    let disk_b = write_file(&dir, "b.img", &[0u8; 65536]);
     let drive = format!(
         r#"{{"drive_id":"drive1","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
         disk_a.display()
@@ -167,26 +122,20 @@ fn config_file_boots_without_an_api() {
         return;
     }
     let dir = scratch_dir("api-config");
-    // Writes "KILN-TINY-OK\n" to COM1, then resets through the i8042.
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in b"KILN-TINY-OK\n" {
-        code.extend_from_slice(&[0xb0, *b, 0xee]);
-    }
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
-    let kernel = write(&dir, "hello.elf", &tiny_elf(LOAD_ADDR, &code));
+    let kernel = write_file(&dir, "hello.elf", &hello_elf());
     let config = format!(
         r#"{{"boot-source":{{"kernel_image_path":"{}"}},
             "machine-config":{{"vcpu_count":1,"mem_size_mib":16}},
             "drives":[]}}"#,
         kernel.display()
     );
-    let config_path = write(&dir, "vm.json", config.as_bytes());
+    let config_path = write_file(&dir, "vm.json", config.as_bytes());
     let child = spawn_kiln(&["--no-api", "--config-file", config_path.to_str().unwrap()]);
     let out = wait_with_deadline(child, DEADLINE);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
 
-    let bad = write(
+    let bad = write_file(
         &dir,
         "bad.json",
         br#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#,
@@ -207,7 +156,7 @@ fn a_stop_signal_before_start_removes_the_socket() {
     let dir = scratch_dir("api-preboot-signal");
     let sock = dir.join("api.sock");
     let child = spawn_kiln(&["--api-sock", sock.to_str().unwrap()]);
-    wait_for_socket(&sock);
+    wait_for_socket(&sock, DEADLINE);
     assert_eq!(call(&sock, "GET", "/", "").0, 200);
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -4,14 +4,16 @@
 //! backing file by PATCH and the guest sees the new capacity and contents, the VM is paused and
 //! resumed, and SendCtrlAltDel ends it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_tests::{kiln_bin, kvm_available, scratch_dir, write_script_drive};
+use kiln_tests::{
+    api_call as call, kiln_bin, kvm_available, scratch_dir, sha256_file, wait_for_socket,
+    write_script_drive,
+};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
 
@@ -25,31 +27,6 @@ echo "KILN-T resized $(cat /sys/block/vdc/size)"
 echo "KILN-T sum $(sha256sum </dev/vdc)"
 sleep 900
 "#;
-
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn put(sock: &Path, method: &str, path: &str, body: &str) {
     let (status, reply) = call(sock, method, path, body);
@@ -74,15 +51,6 @@ fn wait_for(lines: &mpsc::Receiver<String>, prefix: &str, seen: &mut Vec<String>
             ),
         }
     }
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]
@@ -123,11 +91,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&sock, Duration::from_secs(30));
 
     // Kata runtime-rs's order: boot source, machine, drives, then start.
     let boot = format!(
@@ -184,7 +148,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
     let resized = wait_for(&lines, "KILN-T resized", &mut seen);
     assert_eq!(resized, "KILN-T resized 2048");
     let sum = wait_for(&lines, "KILN-T sum", &mut seen);
-    assert!(sum.contains(&sha256(&real)), "{sum}");
+    assert!(sum.contains(&sha256_file(&real)), "{sum}");
 
     put(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#);
     assert!(call(&sock, "GET", "/", "")

@@ -3,24 +3,16 @@
 
 use std::time::Duration;
 
-use kiln_tests::{kvm_available, run_kiln, scratch_dir, spawn_kiln, tiny_elf, wait_with_deadline};
+use kiln_tests::{
+    hello_elf, kvm_available, run_kiln, scratch_dir, spawn_kiln, tiny_elf, wait_with_deadline,
+    write_file, TINY_LOAD_ADDR,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const LOAD_ADDR: u64 = 0x10_0000;
-
-/// Writes "KILN-TINY-OK\n" to COM1, then resets through the i8042.
-fn hello_kernel() -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in b"KILN-TINY-OK\n" {
-        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
-    }
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]); // reset; hlt loop
-    tiny_elf(LOAD_ADDR, &code)
-}
+const LOAD_ADDR: u64 = TINY_LOAD_ADDR;
 
 fn write(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
+    let path = write_file(dir, name, bytes);
     path.to_str().unwrap().to_string()
 }
 
@@ -37,7 +29,7 @@ fn tiny_kernel_prints_and_reboots_with_status_0() {
         return;
     }
     let dir = scratch_dir("hello");
-    let kernel = write(&dir, "hello.elf", &hello_kernel());
+    let kernel = write(&dir, "hello.elf", &hello_elf());
     let out = run_tiny(&kernel, &[]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("KILN-TINY-OK\n"), "{out:?}");
@@ -65,7 +57,7 @@ fn tiny_kernel_on_several_vcpus() {
         return;
     }
     let dir = scratch_dir("smp");
-    let kernel = write(&dir, "hello.elf", &hello_kernel());
+    let kernel = write(&dir, "hello.elf", &hello_elf());
     let out = run_tiny(&kernel, &["--vcpus", "4"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
@@ -132,7 +124,7 @@ fn bad_input_is_one_line_and_status_2() {
         return;
     }
     let dir = scratch_dir("bad");
-    let good = write(&dir, "hello.elf", &hello_kernel());
+    let good = write(&dir, "hello.elf", &hello_elf());
     let garbage = write(&dir, "garbage", b"GARBAGE!not a kernel at all");
     let empty = write(&dir, "empty", b"");
     let big_initrd = write(&dir, "big.cpio", &vec![0u8; 20 << 20]);

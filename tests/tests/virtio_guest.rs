@@ -12,15 +12,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use kiln_tests::{
-    enter_netns, kiln_bin, kvm_available, scratch_dir, spawn_piped, wait_with_deadline,
-    write_script_drive, NetNs, Outcome,
+    enter_netns, kiln_bin, kvm_available, scratch_dir, sha256_file, spawn_piped,
+    wait_with_deadline, write_script_drive, NetNs, Outcome,
 };
 
 const TAP: &str = "kilntap0";
@@ -69,18 +68,6 @@ fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
         let value = rest.strip_prefix(key)?.strip_prefix(' ')?;
         Some(value.trim())
     })
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// First field of a `sha256sum` line.
@@ -140,7 +127,7 @@ fn root_drive_net_and_rng_across_two_boots() {
     let data = dir.join("data.img");
     let pattern: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&data, &pattern).unwrap();
-    let data_sum = sha256_of(&data);
+    let data_sum = sha256_file(&data);
     let token = format!("kiln-persist-{}", std::process::id());
 
     // Boot 1, inside the namespace.
@@ -204,7 +191,7 @@ fn root_drive_net_and_rng_across_two_boots() {
             .expect("host side of the echo"),
     )
     .unwrap();
-    assert_eq!(sha256_of(&host_copy), sent, "host received other bytes");
+    assert_eq!(sha256_file(&host_copy), sent, "host received other bytes");
     drop(ns);
 
     // Boot 2: the file is still there.
