@@ -10,7 +10,7 @@
 #
 # Output: ${KILN_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/guest-images}/<hash>/
 #   vmlinux  bzImage  System.map  kernel.config  rootfs.ext4  initramfs.cpio
-#   kiln-blkbench  manifest.txt
+#   kiln-blkbench  kiln-vsock  manifest.txt
 # <hash> covers every input (this script, the kernel config fragment, the patches,
 # the rootfs files, the tool sources, the versions of the Debian packages used), so a second run
 # with the same inputs only prints the directory. See README.md.
@@ -103,7 +103,9 @@ mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' -type f | s
 [ ${#PATCHES[@]} -gt 0 ] || die "no patches found in $PATCH_DIR"
 mapfile -t ROOTFS_FILES < <(find "$ROOTFS_DIR" -type f | sort)
 mapfile -t TOOL_SOURCES < <(find "$TOOLS_DIR" -maxdepth 1 -name '*.c' -type f | sort)
-[ -f "$TOOLS_DIR/kiln-blkbench.c" ] || die "$TOOLS_DIR/kiln-blkbench.c is missing"
+for tool in kiln-blkbench kiln-vsock; do
+	[ -f "$TOOLS_DIR/$tool.c" ] || die "$TOOLS_DIR/$tool.c is missing"
+done
 INPUT_FILES+=("${PATCHES[@]}" "${ROOTFS_FILES[@]}" "${TOOL_SOURCES[@]}")
 
 GCC_REAL=$(readlink -f "$(command -v gcc)")
@@ -374,7 +376,7 @@ step_done
 	echo "source_date_epoch $EPOCH"
 	echo "$INPUTS"
 	echo "# outputs (sha256)"
-	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4 kiln-blkbench)
+	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4 kiln-blkbench kiln-vsock)
 } >"$TMP/out/manifest.txt"
 chmod a-w "$TMP/out"/*
 mv -T "$TMP/out" "$OUT" || die "cannot move the result into $OUT"

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub use vmm::test_elf::tiny_elf;
 
+pub mod vsock_proto;
+
 /// The kiln binary: `$KILN_BIN`, or `kiln` in the target directory these tests were built into
 /// (build it first: `cargo build --workspace`).
 pub fn kiln_bin() -> PathBuf {

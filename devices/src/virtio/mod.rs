@@ -17,6 +17,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod single_queue;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -290,11 +291,21 @@ pub(crate) mod test_queue {
     /// Makes each slice of `chains` one available chain: the mock's own multi-chain builder takes
     /// the NEXT flags and indices as given, so they are set here.
     pub fn add_chains(vq: &MockSplitQueue<GuestMemoryMmap>, chains: &[&[RawDescriptor]]) {
+        add_chains_at(vq, chains, 0);
+    }
+
+    /// [`add_chains`] with the descriptors stored from table index `first` on, so chains added
+    /// by earlier calls stay intact.
+    pub fn add_chains_at(
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        chains: &[&[RawDescriptor]],
+        first: u16,
+    ) {
         let mut linked = Vec::new();
         for chain in chains {
             for (i, raw) in chain.iter().enumerate() {
                 let d = SplitDescriptor::from(*raw);
-                let index = linked.len() as u16;
+                let index = first + linked.len() as u16;
                 let (flags, next) = if i + 1 == chain.len() {
                     (d.flags() & !(VRING_DESC_F_NEXT as u16), 0)
                 } else {
@@ -308,7 +319,7 @@ pub(crate) mod test_queue {
                 )));
             }
         }
-        vq.add_desc_chains(&linked, 0)
+        vq.add_desc_chains(&linked, first)
             .expect("test chains fit the queue");
     }
 }

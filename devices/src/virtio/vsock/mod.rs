@@ -1,0 +1,321 @@
+//! virtio-vsock (virtio 1.x, 5.10) with Firecracker's hybrid Unix-socket host side.
+//!
+//! Queues: [`RX_QUEUE`] carries packets to the guest, [`TX_QUEUE`] packets from it, and
+//! [`EVENT_QUEUE`] is for transport events, which this device never sends (they only matter
+//! after a snapshot restore). Only stream sockets are offered. The host side lives in
+//! [`muxer`]: see there for the Unix-socket protocol and its bounds, and `connection.rs` for
+//! each stream's state machine and credit accounting.
+//!
+//! Invariants, whatever the guest does:
+//! - Guest memory is reached only through virtio-queue's `Reader`/`Writer` over chains from an
+//!   activated queue (readable descriptors read, writable ones written).
+//! - A malformed packet (short, oversized, wrong source CID) is consumed and logged through
+//!   [`GuestErrorLog`]; one that names a connection resets that connection only. A broken ring
+//!   puts the device in DEVICE_NEEDS_RESET.
+//! - The device's memory is bounded (see [`muxer`]).
+
+mod connection;
+mod event_handler;
+pub mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use self::connection::BUF_ALLOC;
+pub use self::muxer::VsockCounters;
+use self::muxer::{Muxer, RxFill};
+use super::guest_errors::GuestErrorLog;
+use super::{
+    device_type, drain_queue, features, notify_if_needed, pop_chain, ActivateError, ChainOutcome,
+    Interrupt, VirtioDevice, DRAIN_BUDGET,
+};
+
+/// Index of the receive queue (device → guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest → device).
+pub const TX_QUEUE: usize = 1;
+/// Index of the event queue.
+pub const EVENT_QUEUE: usize = 2;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Smallest CID a guest may have (0-2 are the hypervisor, local and host addresses).
+pub const MIN_GUEST_CID: u64 = 3;
+/// Largest CID a guest may have: the config field is 64 bits but its upper half is reserved,
+/// and `u32::MAX` is `VMADDR_CID_ANY`.
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+/// Errors in creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved or out of range.
+    #[error("guest cid {0} is outside {MIN_GUEST_CID}..={MAX_GUEST_CID}")]
+    InvalidCid(u64),
+    /// An eventfd, epoll fd or timer could not be created, or the listener not set up.
+    #[error("setting up the vsock device: {0}")]
+    Setup(#[source] io::Error),
+}
+
+/// Why the device could not serve a queue.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    #[error("{0}")]
+    Ring(#[from] virtio_queue::Error),
+}
+
+/// A vsock device's settings.
+#[derive(Debug)]
+pub struct VsockConfig {
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// Where host clients connect; also the prefix of the sockets guest connections reach.
+    pub uds_path: PathBuf,
+    /// The socket already bound at `uds_path`.
+    pub listener: UnixListener,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    rx_queue: Queue,
+    tx_queue: Queue,
+    /// Held so the guest's event buffers stay the device's; nothing is ever sent on it.
+    _event_queue: Queue,
+}
+
+/// The vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    log_name: String,
+    acked_features: u64,
+    queue_evts: [EventFd; 3],
+    activate_evt: EventFd,
+    muxer: Muxer,
+    active: Option<Active>,
+    errors: GuestErrorLog,
+}
+
+impl Vsock {
+    /// Creates the device around a bound listener.
+    pub fn new(config: VsockConfig) -> Result<Self, VsockError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&config.guest_cid) {
+            return Err(VsockError::InvalidCid(config.guest_cid));
+        }
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::Setup);
+        let muxer = Muxer::new(config.guest_cid, config.listener, config.uds_path.clone())
+            .map_err(VsockError::Setup)?;
+        Ok(Self {
+            guest_cid: config.guest_cid,
+            log_name: format!("virtio-vsock {}", config.uds_path.display()),
+            uds_path: config.uds_path,
+            acked_features: 0,
+            queue_evts: [eventfd()?, eventfd()?, eventfd()?],
+            activate_evt: eventfd()?,
+            muxer,
+            active: None,
+            errors: GuestErrorLog::default(),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The host socket's path.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> VsockCounters {
+        self.muxer.counters()
+    }
+
+    /// Malformed packets and rings the guest submitted.
+    pub fn guest_errors(&self) -> u64 {
+        self.errors.count() + self.muxer.guest_errors()
+    }
+
+    /// Handles every packet the guest queued, then sends what that produced.
+    fn process_tx(&mut self) {
+        let Self {
+            active,
+            muxer,
+            errors,
+            log_name,
+            queue_evts,
+            ..
+        } = self;
+        let Some(state) = active.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let mem = &state.mem;
+        let result = drain_queue(&mut state.tx_queue, mem, &state.interrupt, |chain| {
+            match Reader::new(mem, chain) {
+                Ok(mut reader) => muxer.handle_guest_packet(&mut reader, now),
+                Err(e) => errors.record(log_name, &e),
+            }
+            // Transmit buffers are read-only: nothing was written into them.
+            ChainOutcome::Used(0)
+        });
+        match result {
+            Ok(drained) if drained.more => {
+                let _ = queue_evts[TX_QUEUE].write(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                errors.record(log_name, &QueueError::from(e));
+                state.interrupt.signal_needs_reset();
+                *active = None;
+                return;
+            }
+        }
+        self.process_rx();
+    }
+
+    /// Fills guest rx buffers with waiting packets until either runs out. Interrupts the guest
+    /// at most once, at the end.
+    fn process_rx(&mut self) {
+        let Self {
+            active,
+            muxer,
+            errors,
+            log_name,
+            queue_evts,
+            ..
+        } = self;
+        let Some(state) = active.as_mut() else {
+            return;
+        };
+        let mem = &state.mem;
+        let queue = &mut state.rx_queue;
+        let mut used = 0u32;
+        let result: Result<(), virtio_queue::Error> = (|| {
+            while muxer.has_rx() {
+                if used >= DRAIN_BUDGET {
+                    // Come back through the queue eventfd so other devices get their turn.
+                    let _ = queue_evts[RX_QUEUE].write(1);
+                    return Ok(());
+                }
+                let Some(chain) = pop_chain(queue, mem)? else {
+                    // Out of buffers: ask to be told when the guest adds some (and catch any
+                    // added meanwhile).
+                    if queue.enable_notification(mem)? {
+                        continue;
+                    }
+                    return Ok(());
+                };
+                let head = chain.head_index();
+                let fill = match Writer::new(mem, chain) {
+                    Ok(mut writer) => muxer.fill_rx(&mut writer),
+                    Err(e) => {
+                        errors.record(log_name, &e);
+                        RxFill::Used(0)
+                    }
+                };
+                match fill {
+                    RxFill::Used(len) => {
+                        queue.add_used(mem, head, len)?;
+                        used += 1;
+                    }
+                    RxFill::Nothing => {
+                        queue.go_to_previous_position();
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if used > 0 {
+            notify_if_needed(queue, mem, &state.interrupt);
+        }
+        if let Err(e) = result {
+            errors.record(log_name, &QueueError::from(e));
+            state.interrupt.signal_needs_reset();
+            *active = None;
+        }
+    }
+
+    fn process_host_events(&mut self) {
+        self.muxer.process_host_events(Instant::now());
+        self.process_rx();
+    }
+
+    fn process_sweep(&mut self) {
+        self.muxer.consume_sweep_timer();
+        self.muxer.sweep(Instant::now());
+        self.process_rx();
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let given = queues.len();
+        let [rx_queue, tx_queue, event_queue]: [Queue; 3] = queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: 3, given })?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            rx_queue,
+            tx_queue,
+            _event_queue: event_queue,
+        });
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Wake(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        // The guest driver is gone: so are its sockets. Host peers see their streams close.
+        self.active = None;
+        self.muxer.reset();
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;
