@@ -134,6 +134,9 @@ fn bad_input_is_one_line_and_status_2() {
     let dir_drive = format!("path={}", dir.display());
     let root_a = format!("path={},root", write(&dir, "a.img", &[0u8; 4096]));
     let root_b = format!("path={},root", write(&dir, "b.img", &[0u8; 4096]));
+    // A regular file where the vsock socket should go: refused, and left alone.
+    let not_a_socket = write(&dir, "not-a-socket", b"keep me");
+    let vsock_on_file = format!("cid=3,uds={not_a_socket}");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--kernel", "/nonexistent/vmlinux"],
@@ -208,6 +211,18 @@ fn bad_input_is_one_line_and_status_2() {
             vec!["--kernel", &good, "--rng", "bw_size=100"],
             "needs a non-zero refill_time",
         ),
+        (
+            vec!["--kernel", &good, "--vsock", "cid=2,uds=/tmp/x.sock"],
+            "bad value for 'cid'",
+        ),
+        (
+            vec!["--kernel", &good, "--vsock", &vsock_on_file],
+            "vsock socket",
+        ),
+        (
+            vec!["--kernel", &good, "--vsock", "cid=3,uds=/nonexistent/dir/v.sock"],
+            "vsock socket",
+        ),
     ];
     for (mut args, expected) in cases {
         if !args.contains(&"--mem-mib") {
@@ -226,6 +241,7 @@ fn bad_input_is_one_line_and_status_2() {
             && !expected.contains("console")
             && !expected.contains("required")
             && !expected.contains("refill_time")
+            && !expected.contains("bad value")
         {
             assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
         }
@@ -235,6 +251,7 @@ fn bad_input_is_one_line_and_status_2() {
             console.display()
         );
     }
+    assert_eq!(std::fs::read(&not_a_socket).unwrap(), b"keep me");
 }
 
 /// Two VMs cannot write one image: the second is refused before it starts, and the first runs on.
@@ -273,4 +290,169 @@ fn a_drive_in_use_is_refused() {
     assert!(kill.success());
     let out = wait_with_deadline(first, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "the first VM ran on: {out:?}");
+}
+
+/// A tiny kernel that signals Firecracker's boot timer, then resets: it maps the 2 MiB at
+/// 0xc000_0000 (the boot identity map covers only the first GiB) with a new page directory at
+/// 0xc000, writes 123 there, and resets through the i8042.
+fn boot_timer_elf() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xb8, 0x83, 0x00, 0x00, 0xc0,             // mov eax, 0xc0000083 (2 MiB page, P|RW|PS)
+        0x48, 0x89, 0x04, 0x25, 0x00, 0xc0, 0, 0, // mov [0xc000], rax (the new PD's entry 0)
+        0xb8, 0x03, 0xc0, 0x00, 0x00,             // mov eax, 0xc003 (the PD, P|RW)
+        0x48, 0x89, 0x04, 0x25, 0x18, 0xa0, 0, 0, // mov [0xa018], rax (PDPT entry 3: 3..4 GiB)
+        0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8,       // mov rax, cr3; mov cr3, rax (flush the TLB)
+        0xb9, 0x00, 0x00, 0x00, 0xc0,             // mov ecx, 0xc0000000
+        0xc6, 0x01, 0x7b,                         // mov byte [rcx], 123
+        0xb0, 0xfe, 0xe6, 0x64,                   // mov al, 0xfe; out 0x64, al (reset)
+        0xf4, 0xeb, 0xfd,                         // hlt; jmp hlt
+    ];
+    tiny_elf(LOAD_ADDR, code)
+}
+
+#[test]
+fn boot_timer_logs_the_guest_boot_time() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("boot-timer");
+    let kernel = write(&dir, "timer.elf", &boot_timer_elf());
+    let out = run_tiny(&kernel, &["--boot-timer"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("kiln: Guest-boot-time = "))
+        .unwrap_or_else(|| panic!("no boot time in {:?}", out.stderr));
+    assert!(
+        line.contains(" us ") && line.contains(" ms, ") && line.ends_with(" CPU ms"),
+        "{line}"
+    );
+    // Without the flag the write goes nowhere (an unclaimed MMIO address) and nothing is logged.
+    let out = run_tiny(&kernel, &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(!out.stderr.contains("Guest-boot-time"), "{out:?}");
+}
+
+/// 0xc000_0000 is the MMIO gap's start: a 3.5 GiB guest has RAM up to there and from 4 GiB, and
+/// the boot timer still answers at that address.
+#[test]
+fn a_guest_over_3_gib_boots_and_reaches_the_boot_timer() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("big-guest");
+    let hello = write(&dir, "hello.elf", &hello_elf());
+    let out = run_kiln(&["run", "--kernel", &hello, "--mem-mib", "3584"], DEADLINE);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
+    let timer = write(&dir, "timer.elf", &boot_timer_elf());
+    let out = run_kiln(
+        &[
+            "run",
+            "--kernel",
+            &timer,
+            "--mem-mib",
+            "3584",
+            "--boot-timer",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stderr.contains("kiln: Guest-boot-time = "), "{out:?}");
+}
+
+fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn log_and_metrics_flags() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("log-flags");
+    let hello = write(&dir, "hello.elf", &hello_elf());
+    let log = dir.join("kiln.log");
+    let metrics = dir.join("metrics.json");
+    let (log_s, metrics_s) = (log.to_str().unwrap(), metrics.to_str().unwrap());
+
+    // The log goes to the file, the guest's console stays on stdout.
+    let out = run_tiny(&hello, &["--log-path", log_s, "--metrics-path", metrics_s]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
+    assert!(!out.stderr.contains("rebooted"), "{out:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "kiln: the guest rebooted; exiting"),
+        "{text}"
+    );
+    assert!(!text.contains("KILN-TINY-OK"), "{text}");
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 1, "one line, at exit: {lines:?}");
+    let exits = lines[0]["vcpu"]["exit_io_out"].as_u64().unwrap();
+    assert!(exits >= 13, "13 console bytes and the reset: {}", lines[0]);
+
+    // Errors only, with the level shown: a failing guest's last word is there, nothing else.
+    let fault = write(
+        &dir,
+        "fault.elf",
+        &tiny_elf(LOAD_ADDR, &[0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0x40, 0xf4]),
+    );
+    let errors = dir.join("errors.log");
+    let args = [
+        "--log-path",
+        errors.to_str().unwrap(),
+        "--level",
+        "ERROR",
+        "--show-level",
+    ];
+    let out = run_tiny(&fault, &args);
+    assert_eq!(out.code(), 1, "{out:?}");
+    let text = std::fs::read_to_string(&errors).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.starts_with("kiln: [ERROR] guest failed: vCPU 0:"),
+        "{text}"
+    );
+
+    // Firecracker's process mode takes the same flags.
+    let config = format!(
+        r#"{{"boot-source":{{"kernel_image_path":"{hello}"}},
+            "machine-config":{{"vcpu_count":1,"mem_size_mib":16}}}}"#
+    );
+    let config_path = write(&dir, "vm.json", config.as_bytes());
+    let process_log = dir.join("process.log");
+    let out = run_kiln(
+        &[
+            "--no-api",
+            "--config-file",
+            &config_path,
+            "--log-path",
+            process_log.to_str().unwrap(),
+            "--level",
+            "debug",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    let text = std::fs::read_to_string(&process_log).unwrap();
+    assert!(text.contains("kiln: the guest rebooted; exiting"), "{text}");
+
+    // Bad values are bad input, before anything runs.
+    let link = dir.join("link.log");
+    std::os::unix::fs::symlink(&log, &link).unwrap();
+    let out = run_tiny(&hello, &["--log-path", link.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("symbolic link"), "{out:?}");
+    assert!(!out.stdout.contains("KILN-TINY-OK"), "{out:?}");
+    let out = run_tiny(&hello, &["--level", "loud"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("unknown level"), "{out:?}");
 }

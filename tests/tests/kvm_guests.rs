@@ -272,3 +272,31 @@ fn pvh_entry_and_mmio_dispatch() {
     assert_eq!(sample.exits.mmio_write, 1);
     assert_eq!(sample.exits.unclaimed, 1);
 }
+
+#[test]
+fn boot_timer_sees_the_guests_write_at_its_address() {
+    if !kvm_available() {
+        return;
+    }
+    use devices::legacy::{BootTimer, BOOT_TIMER_LEN};
+    use vmm::arch::x86_64::layout::BOOT_TIMER_ADDR;
+    // 32-bit protected mode, paging off: 0xc0000000 is directly addressable.
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xb9, 0x00, 0x00, 0x00, 0xc0, // mov ecx, 0xc0000000
+        0xc6, 0x01, 0x7a,             // mov byte [ecx], 122 (not the magic byte: ignored)
+        0xc6, 0x01, 0x7b,             // mov byte [ecx], 123
+        0x66, 0xba, 0x34, 0x12,       // mov dx, 0x1234
+        0xef,                         // out dx, eax (done)
+        0xf4, 0xeb, 0xfd,             // hlt; jmp hlt
+    ];
+    let timer = Arc::new(Mutex::new(BootTimer::new()));
+    let mut mmio_bus = Bus::new();
+    mmio_bus
+        .insert(timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)
+        .unwrap();
+    let (guest, _) = run_reporting_guest(code, EntryPoint::Pvh(CODE_ADDR), mmio_bus, 1);
+    let reported = timer.lock().unwrap().reported();
+    assert!(reported.is_some(), "the guest's 123 reached the boot timer");
+    assert_eq!(guest.vcpu.sample().exits.mmio_write, 2);
+}

@@ -3,6 +3,7 @@
 //! VM. A request that belongs to the other phase is answered with Firecracker's fault message.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use api::http::HttpResponse;
 use api::models::{
@@ -13,6 +14,7 @@ use api::routes::ApiRequest;
 use serde::Serialize;
 
 use crate::machine::RunningVm;
+use crate::metrics::{MetricsError, METRICS};
 use crate::resources::{ResourceError, VmResources};
 
 /// The Firecracker API version Kiln serves (its OpenAPI document's version).
@@ -113,14 +115,19 @@ impl ApiController {
                 HttpResponse::no_content()
             }
             ApiRequest::PutSerial(serial) => done(r.put_serial(serial)),
-            ApiRequest::PutVsock(_) => fault(
-                "Kiln has no vsock device yet (it comes with the hybrid-vsock work); \
-                 start the microVM without PUT /vsock",
-            ),
-            ApiRequest::PutLogger(_) => {
-                fault("Kiln does not support PUT /logger yet: its log goes to stderr")
+            ApiRequest::PutVsock(vsock) => {
+                // Replaces any earlier one; the socket is bound at InstanceStart.
+                r.vsock = Some(vsock);
+                HttpResponse::no_content()
             }
-            ApiRequest::PutMetrics(_) => fault("Kiln does not support PUT /metrics yet"),
+            ApiRequest::PutLogger(logger) => match crate::logger::configure(&logger) {
+                Ok(()) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Logger error: {e}")),
+            },
+            ApiRequest::PutMetrics(metrics) => match METRICS.configure(&metrics, &self.id) {
+                Ok(()) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Metrics error: {e}")),
+            },
             ApiRequest::PatchDrive(_)
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PatchVm(_)
@@ -146,12 +153,20 @@ impl ApiController {
             return response;
         }
         match request {
-            ApiRequest::PatchVm(VmState::Paused) => match vm.pause() {
-                Ok(()) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Failed to pause the microVM: {e}")),
-            },
+            ApiRequest::PatchVm(VmState::Paused) => {
+                let started = Instant::now();
+                match vm.pause() {
+                    Ok(()) => {
+                        METRICS.latencies_us.vmm_pause_vm.store(micros(started));
+                        HttpResponse::no_content()
+                    }
+                    Err(e) => fault(format!("Failed to pause the microVM: {e}")),
+                }
+            }
             ApiRequest::PatchVm(VmState::Resumed) => {
+                let started = Instant::now();
                 vm.resume();
+                METRICS.latencies_us.vmm_resume_vm.store(micros(started));
                 HttpResponse::no_content()
             }
             ApiRequest::Action(ActionType::InstanceStart) => {
@@ -163,9 +178,12 @@ impl ApiController {
                     Err(e) => fault(format!("Failed to send Ctrl+Alt+Del: {e}")),
                 }
             }
-            ApiRequest::Action(ActionType::FlushMetrics) => {
-                fault("Metrics are not configured: PUT /metrics is not supported yet")
-            }
+            // As Firecracker: without a metrics output there is nothing to flush, and that is
+            // not an error (clients flush on a timer whether or not metrics were set up).
+            ApiRequest::Action(ActionType::FlushMetrics) => match METRICS.flush() {
+                Ok(()) | Err(MetricsError::NotConfigured) => HttpResponse::no_content(),
+                Err(e) => fault(format!("Metrics error: {e}")),
+            },
             ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
                 Ok(()) => HttpResponse::no_content(),
                 Err(e) => fault(format!("Unable to patch the block device: {e}")),
@@ -263,6 +281,11 @@ fn merge_limits(old: RateLimiterConfig, patch: &RateLimiterConfig) -> RateLimite
 /// still hold, and refusing every later call would only wedge the API.
 fn locked<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Microseconds since `started`, for the latency metrics.
+fn micros(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// `common` answered these already.
@@ -375,5 +398,44 @@ mod tests {
             parse_request("PUT", "/actions", br#"{"action_type":"InstanceStart"}"#).unwrap(),
         );
         assert!(matches!(start, PreBoot::Start));
+    }
+
+    /// The failures only: a success would configure the process's logger or metrics, which the
+    /// integration tests do in their own process.
+    #[test]
+    fn refused_logger_and_metrics_bodies_change_nothing() {
+        let dir = std::env::temp_dir().join(format!("kiln-api-obs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(dir.join("target"), &link).unwrap();
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/logger",
+            &format!(r#"{{"log_path":"{}","level":"Off"}}"#, link.display()),
+        );
+        assert_eq!(r.status(), 400);
+        let message = body(&r)["fault_message"].as_str().unwrap().to_string();
+        assert!(message.starts_with("Logger error: log_path "), "{message}");
+        assert!(message.contains("symbolic link"), "{message}");
+        assert_eq!(log::max_level(), log::LevelFilter::Off, "level unchanged");
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/metrics",
+            &format!(r#"{{"metrics_path":"{}"}}"#, dir.join("no/dir").display()),
+        );
+        assert_eq!(r.status(), 400);
+        assert!(!METRICS.is_configured());
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"FlushMetrics"}"#,
+        );
+        assert_eq!(body(&r)["fault_message"], NOT_BEFORE_START);
+        assert!(!dir.join("target").exists());
     }
 }

@@ -4,6 +4,7 @@
 //! Everything the user can get wrong (images, command line, disk files, TAPs) is checked before
 //! the console file is created, so bad input leaves nothing behind.
 
+use devices::legacy::BootTimer;
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 
@@ -19,6 +20,7 @@ use crate::host_quirks::HostQuirks;
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
+use crate::metrics::METRICS;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -140,12 +142,28 @@ fn load_boot_images(
     Ok(entry)
 }
 
+/// Adds the drives' and network interfaces' counters to the process's metrics, as `block_<id>`
+/// and `net_<id>` (the entropy device is added where it is attached).
+fn count_device_metrics(devices: &DeviceManager) {
+    for drive in &devices.drives {
+        METRICS.add_device("block", Some(drive.id.clone()), drive.device.clone());
+    }
+    for net in &devices.nets {
+        METRICS.add_device("net", Some(net.id.clone()), net.device.clone());
+    }
+    if let Some(vsock) = &devices.vsock {
+        METRICS.add_device("vsock", None, vsock.device.clone());
+    }
+}
+
 /// Builds a ready-to-start microVM from `config`.
 pub fn build_microvm(
     kvm: &Kvm,
     config: &VmConfig,
     quirks: &HostQuirks,
 ) -> Result<MicroVm, BuildError> {
+    // Firecracker's boot time counts from the start of the build (InstanceStart being served).
+    let boot_timer = config.boot_timer.then(BootTimer::new);
     let mem = memory::create_guest_memory(config.mem_bytes())?;
     let entry = load_boot_images(&mem, config, quirks, &device_cmdline_params(config)?)?;
 
@@ -169,6 +187,11 @@ pub fn build_microvm(
         .as_ref()
         .map(device_manager::create_rng)
         .transpose()?;
+    let vsock = config
+        .vsock
+        .as_ref()
+        .map(device_manager::create_vsock)
+        .transpose()?;
 
     let console_out = config
         .console
@@ -190,8 +213,17 @@ pub fn build_microvm(
         devices.nets.push(attached);
     }
     if let Some(rng) = rng {
-        devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
+        let attached = devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
+        METRICS.add_device("entropy", None, attached.device);
     }
+    if let Some((vsock, socket)) = vsock {
+        devices.vsock = Some(devices.attach_virtio(&vm, &mem, "vsock".to_string(), vsock)?);
+        devices.vsock_socket = Some(socket);
+    }
+    if let Some(timer) = boot_timer {
+        devices.attach_boot_timer(timer)?;
+    }
+    count_device_metrics(&devices);
     let event_loop = EventLoop::new(&devices.subscribers)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -206,8 +238,8 @@ pub fn build_microvm(
         let refused = vcpu.configure(kvm, config.vcpus, entry)?;
         if index == 0 && !refused.is_empty() {
             let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
-            eprintln!(
-                "kiln: KVM refused boot MSRs {} (left at reset values)",
+            log::warn!(
+                "KVM refused boot MSRs {} (left at reset values)",
                 list.join(", ")
             );
         }

@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
+use api::models::{LogLevel, Logger, Metrics};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConsoleConfig;
-use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 
 /// Kiln: a KVM microVM monitor.
 ///
@@ -48,6 +49,66 @@ pub struct ProcessArgs {
         default_value_t = 51200
     )]
     pub max_payload: usize,
+    /// Logging, metrics and the boot timer.
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
+}
+
+/// Firecracker's logging, metrics and boot-timer flags (both modes take them).
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+pub struct ObservabilityArgs {
+    /// Write Kiln's log to this file or named pipe (created 0600, appended to, never through a
+    /// symlink) instead of stderr. The guest's console is not part of it.
+    #[arg(long = "log-path", value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Log level: Error, Warning, Info (default), Debug, Trace or Off (any case).
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    pub level: Option<LogLevel>,
+    /// Show each message's level: `kiln: [WARN] ...`.
+    #[arg(long = "show-level")]
+    pub show_level: bool,
+    /// Show each message's source file and line: `kiln: [vmm/src/machine.rs:42] ...`.
+    #[arg(long = "show-log-origin")]
+    pub show_log_origin: bool,
+    /// Log only messages from modules whose path starts with this (`vmm::machine`, `api`, ...).
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+    /// Write Firecracker-style JSON metrics to this file or named pipe every 60 s and at exit.
+    #[arg(long = "metrics-path", value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Add Firecracker's boot-timer device: the guest writing 123 to 0xc0000000 logs its boot
+    /// time.
+    #[arg(long = "boot-timer")]
+    pub boot_timer: bool,
+}
+
+impl ObservabilityArgs {
+    /// The logger configuration the flags ask for, `None` when they leave the defaults.
+    pub fn logger_config(&self) -> Option<Logger> {
+        let config = Logger {
+            log_path: self.log_path.clone(),
+            level: self.level,
+            show_level: self.show_level.then_some(true),
+            show_log_origin: self.show_log_origin.then_some(true),
+            module: self.module.clone(),
+        };
+        (config != Logger::default()).then_some(config)
+    }
+
+    /// The metrics configuration `--metrics-path` asks for.
+    pub fn metrics_config(&self) -> Option<Metrics> {
+        self.metrics_path.as_ref().map(|path| Metrics {
+            metrics_path: path.clone(),
+            emit_id: None,
+            properties: None,
+        })
+    }
+}
+
+fn parse_level(s: &str) -> Result<LogLevel, String> {
+    LogLevel::parse(s).ok_or_else(|| {
+        format!("unknown level {s:?}: expected Error, Warning, Info, Debug, Trace or Off")
+    })
 }
 
 /// Kiln's subcommands.
@@ -79,6 +140,9 @@ pub struct RunArgs {
     /// Where the serial console goes: stdout, file:PATH or none.
     #[arg(long, default_value = "stdout", value_name = "DEST")]
     pub console: ConsoleConfig,
+    /// Logging, metrics and the boot timer.
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
     /// A virtio block device (repeatable; the guest sees them as vda, vdb... with the root drive
     /// first): path=FILE[,id=ID][,ro][,root][,bw_size=B,bw_refill_time=MS,ops_size=N,...].
     #[arg(long = "drive", value_name = "OPTS")]
@@ -91,6 +155,11 @@ pub struct RunArgs {
     /// [bw_size=B,bw_refill_time=MS,...].
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     pub rng: Option<RngConfig>,
+    /// A virtio-vsock device with Firecracker's hybrid Unix-socket host side: cid=N,uds=PATH.
+    /// Host clients connect to PATH and send `CONNECT <port>\n`; guest connections to host
+    /// port P reach PATH_P.
+    #[arg(long, value_name = "OPTS")]
+    pub vsock: Option<VsockConfig>,
 }
 
 #[cfg(test)]
@@ -174,6 +243,49 @@ mod tests {
         assert_eq!(run.rng, Some(RngConfig::default()));
         let limited = parse(&["run", "--rng", "bw_size=1000,bw_refill_time=100"]).unwrap();
         assert!(limited.rng.unwrap().rate_limiter.bandwidth.is_some());
+    }
+
+    #[test]
+    fn observability_flags_in_both_modes() {
+        let cli = Cli::try_parse_from([
+            "kiln",
+            "--log-path",
+            "/tmp/k.log",
+            "--level",
+            "warning",
+            "--show-level",
+            "--metrics-path",
+            "/tmp/m.json",
+            "--boot-timer",
+        ])
+        .unwrap();
+        let o = &cli.process.observability;
+        assert!(o.boot_timer && o.show_level && !o.show_log_origin);
+        let logger = o.logger_config().unwrap();
+        assert_eq!(logger.level, Some(LogLevel::Warning));
+        assert_eq!(logger.log_path, Some(PathBuf::from("/tmp/k.log")));
+        assert_eq!(logger.show_level, Some(true));
+        assert_eq!(logger.show_log_origin, None);
+        assert_eq!(
+            o.metrics_config().unwrap().metrics_path,
+            PathBuf::from("/tmp/m.json")
+        );
+        let defaults = Cli::try_parse_from(["kiln"]).unwrap().process.observability;
+        assert_eq!(defaults.logger_config(), None);
+        assert_eq!(defaults.metrics_config(), None);
+        let run = parse(&[
+            "run",
+            "--boot-timer",
+            "--level",
+            "DEBUG",
+            "--show-log-origin",
+        ])
+        .unwrap();
+        assert!(run.observability.boot_timer);
+        assert_eq!(run.observability.level, Some(LogLevel::Debug));
+        let err = Cli::try_parse_from(["kiln", "--level", "loud"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown level"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MIN_MEM_SIZE};
 use crate::arch::x86_64::mptable;
-use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 
 /// Most virtio devices a guest can have: one interrupt line each.
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
@@ -126,6 +126,12 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The entropy device, if any.
     pub rng: Option<RngConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
+    /// `BOOT_TIMER_ADDR` logs its boot time. Off after [`VmConfigRequest::validate`]; the caller
+    /// turns it on.
+    pub boot_timer: bool,
 }
 
 /// A configuration as given, before validation.
@@ -149,6 +155,8 @@ pub struct VmConfigRequest {
     pub nets: Vec<NetConfig>,
     /// The entropy device.
     pub rng: Option<RngConfig>,
+    /// The vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfigRequest {
@@ -184,6 +192,8 @@ impl VmConfigRequest {
             drives,
             nets,
             rng: self.rng,
+            vsock: self.vsock,
+            boot_timer: false,
         };
         let count = config.virtio_device_count();
         if count > MAX_VIRTIO_DEVICES {
@@ -227,9 +237,13 @@ fn name_devices(
 }
 
 impl VmConfig {
-    /// How many virtio devices the VM has (drives, nets, rng), each taking one MMIO slot and GSI.
+    /// How many virtio devices the VM has (drives, nets, rng, vsock), each taking one MMIO slot
+    /// and GSI.
     pub fn virtio_device_count(&self) -> usize {
-        self.drives.len() + self.nets.len() + usize::from(self.rng.is_some())
+        self.drives.len()
+            + self.nets.len()
+            + usize::from(self.rng.is_some())
+            + usize::from(self.vsock.is_some())
     }
 
     /// Guest RAM in bytes.
@@ -258,6 +272,7 @@ mod tests {
             drives: Vec::new(),
             nets: Vec::new(),
             rng: None,
+            vsock: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! - `--drive path=FILE[,id=ID][,ro][,root][,RATE...]`
 //! - `--net tap=NAME[,id=ID][,mac=MAC][,mtu=N][,rx_RATE...][,tx_RATE...]`
 //! - `--rng [RATE...]`
+//! - `--vsock cid=N,uds=PATH`
 //!
 //! where RATE is a rate limiter key (Cloud Hypervisor's names): `bw_size`, `bw_one_time_burst`,
 //! `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (sizes in bytes or
@@ -76,6 +77,15 @@ pub struct NetConfig {
 pub struct RngConfig {
     /// Bandwidth limit on the entropy the guest can draw.
     pub rate_limiter: RateLimiterConfig,
+}
+
+/// The vsock device: the guest's CID and the host Unix socket (Firecracker's hybrid vsock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id, 3 ..= 2^32 - 2.
+    pub guest_cid: u64,
+    /// Where host clients connect; guest connections to port P reach `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
 }
 
 /// Splits `a=b,c,d=e` into (key, optional value) pairs, refusing repeated keys.
@@ -276,10 +286,65 @@ impl FromStr for RngConfig {
     }
 }
 
+impl FromStr for VsockConfig {
+    type Err = DeviceOptionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cid = None;
+        let mut uds = None;
+        for (key, value) in options(s)? {
+            match key {
+                "cid" => {
+                    let v = required(key, value)?;
+                    let range = devices::virtio::vsock::MIN_GUEST_CID
+                        ..=devices::virtio::vsock::MAX_GUEST_CID;
+                    let n = v
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| range.contains(n))
+                        .ok_or_else(|| {
+                            bad_value(
+                                key,
+                                v,
+                                format!("a number in {}..={}", range.start(), range.end()),
+                            )
+                        })?;
+                    cid = Some(n);
+                }
+                "uds" => uds = Some(PathBuf::from(required(key, value)?)),
+                _ => return Err(DeviceOptionError::UnknownKey(key.to_string())),
+            }
+        }
+        Ok(VsockConfig {
+            guest_cid: cid.ok_or(DeviceOptionError::Missing("cid"))?,
+            uds_path: uds.ok_or(DeviceOptionError::Missing("uds"))?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use devices::rate_limiter::TokenBucketConfig;
+
+    #[test]
+    fn vsock() {
+        let v: VsockConfig = "cid=3,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(v.guest_cid, 3);
+        assert_eq!(v.uds_path, PathBuf::from("/run/v.sock"));
+        for bad in [
+            "uds=/x",
+            "cid=3",
+            "cid=2,uds=/x",
+            "cid=4294967295,uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=",
+            "cid=3,uds=/x,ro",
+            "cid=3,cid=4,uds=/x",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn drives() {

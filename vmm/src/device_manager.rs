@@ -1,14 +1,16 @@
 //! Creates the guest's devices and wires them to the buses and to KVM's interrupt lines.
 //!
 //! Virtio devices sit on virtio-mmio transports: slot N has the 4 KiB window at
-//! `MMIO_GAP_START + N * 4 KiB` and GSI `FIRST_DEVICE_GSI + N`. The guest's notifications reach the
+//! `VIRTIO_MMIO_START + N * 4 KiB` and GSI `FIRST_DEVICE_GSI + N`. The guest's notifications reach the
 //! device through an ioeventfd on the window's QueueNotify register (so a vCPU never runs device
 //! code), and the device's interrupts leave through an irqfd. The devices' event handlers are
 //! collected here for the VMM's event loop.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use api::http::{bind_api_socket, BindError, SocketGuard};
 use devices::legacy::{
     EventFdTrigger, SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE,
     SERIAL_PORT_LEN,
@@ -17,6 +19,7 @@ use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetDeviceConfig, NetError, Tap, TapError};
 use devices::virtio::rng::{Rng, RngError};
+use devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, BusError};
 use event_manager::MutEventSubscriber;
@@ -24,8 +27,10 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MMIO_GAP_START};
-use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_ADDR, FIRST_DEVICE_GSI, LAST_DEVICE_GSI, VIRTIO_MMIO_START,
+};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::vstate::vm::Vm;
 
 /// A virtio device as the VMM keeps it for runtime updates (PATCH after boot).
@@ -56,7 +61,7 @@ impl VirtioSlot {
         let index = u32::try_from(index).ok()?;
         let gsi = FIRST_DEVICE_GSI.checked_add(index)?;
         (gsi <= LAST_DEVICE_GSI).then(|| Self {
-            base: MMIO_GAP_START + u64::from(index) * MMIO_WINDOW_SIZE,
+            base: VIRTIO_MMIO_START + u64::from(index) * MMIO_WINDOW_SIZE,
             gsi,
         })
     }
@@ -129,6 +134,12 @@ pub enum DeviceError {
     /// The entropy device could not be set up.
     #[error("entropy device: {0}")]
     Rng(#[source] RngError),
+    /// The vsock device's host socket could not be created.
+    #[error("vsock socket: {0}")]
+    VsockSocket(#[source] BindError),
+    /// The vsock device could not be set up.
+    #[error("vsock device: {0}")]
+    Vsock(#[source] VsockError),
 }
 
 impl DeviceError {
@@ -141,6 +152,7 @@ impl DeviceError {
                 source: BlockError::Disk(_),
                 ..
             } | Self::Tap { .. }
+                | Self::VsockSocket(_)
         )
     }
 }
@@ -163,6 +175,10 @@ pub struct DeviceManager {
     pub drives: Vec<AttachedDevice<Block>>,
     /// Network devices, for runtime updates.
     pub nets: Vec<AttachedDevice<Net>>,
+    /// The vsock device, for metrics.
+    pub vsock: Option<AttachedDevice<Vsock>>,
+    /// Removes the vsock device's host socket when the VM is gone.
+    pub vsock_socket: Option<SocketGuard>,
 }
 
 impl DeviceManager {
@@ -209,6 +225,8 @@ impl DeviceManager {
             subscribers: Vec::new(),
             drives: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
+            vsock_socket: None,
         })
     }
 
@@ -262,6 +280,21 @@ impl DeviceManager {
     }
 }
 
+impl DeviceManager {
+    /// Puts Firecracker's boot-timer device at [`BOOT_TIMER_ADDR`] on the MMIO bus, below the
+    /// virtio windows and never over RAM. Call before the vCPUs are created: each takes a copy
+    /// of the bus.
+    pub fn attach_boot_timer(
+        &mut self,
+        timer: devices::legacy::BootTimer,
+    ) -> Result<(), DeviceError> {
+        let timer = Arc::new(Mutex::new(timer));
+        self.mmio_bus
+            .insert(timer, BOOT_TIMER_ADDR, devices::legacy::BOOT_TIMER_LEN)?;
+        Ok(())
+    }
+}
+
 /// Opens `drive`'s image and creates its block device.
 pub fn create_drive(drive: &DriveConfig) -> Result<Block, DeviceError> {
     let id = drive.id.clone().unwrap_or_default();
@@ -296,6 +329,20 @@ pub fn create_net(net: &NetConfig) -> Result<Net, DeviceError> {
 /// Creates the entropy device.
 pub fn create_rng(rng: &RngConfig) -> Result<Rng, DeviceError> {
     Rng::new(&rng.rate_limiter).map_err(DeviceError::Rng)
+}
+
+/// A vsock device with its host socket bound at the configured path (owner-only, a stale
+/// socket replaced, a live one or any other file refused), and the guard that removes it.
+pub fn create_vsock(vsock: &VsockConfig) -> Result<(Vsock, SocketGuard), DeviceError> {
+    let listener = bind_api_socket(&vsock.uds_path).map_err(DeviceError::VsockSocket)?;
+    let guard = SocketGuard::new(&vsock.uds_path);
+    let device = Vsock::new(VsockDeviceConfig {
+        guest_cid: vsock.guest_cid,
+        uds_path: PathBuf::from(&vsock.uds_path),
+        listener,
+    })
+    .map_err(DeviceError::Vsock)?;
+    Ok((device, guard))
 }
 
 #[cfg(test)]

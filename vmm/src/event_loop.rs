@@ -1,5 +1,6 @@
 //! The VMM's event loop: one thread (`kiln_vmm`) that runs every device's event handler (queue
-//! notifications, TAP readiness, rate limiter timers), apart from the vCPU threads.
+//! notifications, TAP readiness, rate limiter timers), apart from the vCPU threads, and the
+//! metrics' periodic flush ([`crate::metrics::PeriodicFlush`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device_manager::SharedSubscriber;
+use crate::metrics::{PeriodicFlush, FLUSH_PERIOD, METRICS};
 
 /// Errors in creating the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,9 @@ pub enum EventLoopError {
     /// The stop eventfd could not be created.
     #[error("creating an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// The metrics flush timer could not be created.
+    #[error("creating the metrics timer: {0}")]
+    Timer(#[source] std::io::Error),
 }
 
 /// Ends the loop when its eventfd is written.
@@ -30,7 +35,7 @@ struct StopSignal {
 impl MutEventSubscriber for StopSignal {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            eprintln!("kiln: event loop: cannot watch its stop eventfd: {e}");
+            log::error!("event loop: cannot watch its stop eventfd: {e}");
         }
     }
 
@@ -54,12 +59,18 @@ pub struct RunningEventLoop {
 }
 
 impl EventLoop {
-    /// Creates the loop and registers `subscribers` (each one's `init` runs here).
+    /// Creates the loop and registers `subscribers` (each one's `init` runs here), and the timer
+    /// that flushes the process's metrics every [`FLUSH_PERIOD`] (a no-op until they have an
+    /// output).
     pub fn new(subscribers: &[SharedSubscriber]) -> Result<Self, EventLoopError> {
         let mut manager = EventManager::new().map_err(EventLoopError::Epoll)?;
         for subscriber in subscribers {
             manager.add_subscriber(subscriber.clone());
         }
+        let flush: SharedSubscriber = Arc::new(Mutex::new(
+            PeriodicFlush::new(&METRICS, FLUSH_PERIOD).map_err(EventLoopError::Timer)?,
+        ));
+        manager.add_subscriber(flush);
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let stop: SharedSubscriber = Arc::new(Mutex::new(StopSignal {
@@ -85,9 +96,12 @@ impl EventLoop {
             .name("kiln_vmm".into())
             .spawn(move || {
                 while !self.stopped.load(Ordering::Acquire) {
-                    if let Err(e) = self.manager.run() {
-                        on_error(e);
-                        return;
+                    match self.manager.run() {
+                        Ok(dispatched) => METRICS.vmm.device_events.add(dispatched as u64),
+                        Err(e) => {
+                            on_error(e);
+                            return;
+                        }
                     }
                 }
             })?;

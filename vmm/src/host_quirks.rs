@@ -46,11 +46,12 @@ impl HostQuirks {
         self.nested_pvm.then_some(PVM_GUEST_CMDLINE)
     }
 
-    /// The one log line that says what Kiln does about this host, if anything.
+    /// The one log message that says what Kiln does about this host, if anything (the logger
+    /// adds `kiln: `).
     pub fn describe(&self) -> Option<String> {
         self.nested_pvm.then(|| {
             format!(
-                "kiln: nested PVM host ({PVM_MODULE} exists): adding the compat guest command line \
+                "nested PVM host ({PVM_MODULE} exists): adding the compat guest command line \
                  ({} options and glibc tunables) and booting through the 64-bit entry",
                 PVM_GUEST_CMDLINE.split(' ').count() - 1
             )

@@ -16,8 +16,10 @@ pub mod event_loop;
 pub mod guest_images;
 pub mod host_quirks;
 pub mod loader;
+pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod resources;
 pub mod vstate;
 

@@ -21,6 +21,7 @@ use api::routes::ApiRequest;
 
 use crate::device_manager::DeviceManager;
 use crate::event_loop::EventLoop;
+use crate::metrics::METRICS;
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -326,8 +327,8 @@ fn spawn_vcpu(mut vcpu: Vcpu, tx: Sender<VmmEvent>) -> std::io::Result<VcpuHandl
             let mut detector = StuckDetector::default();
             let result = vcpu.run_until_stop(&thread_requests, |cpu, sample| {
                 if detector.observe(sample, STUCK_SAMPLES) {
-                    eprintln!(
-                        "kiln: warning: vCPU {cpu} has been running at RIP {:#x} for {} s without moving; \
+                    log::warn!(
+                        "warning: vCPU {cpu} has been running at RIP {:#x} for {} s without moving; \
                          the guest may be wedged (send SIGUSR1 for exit counts)",
                         sample.rip.unwrap_or(0),
                         STUCK_SAMPLES as u64 * SAMPLE_INTERVAL.as_secs()
@@ -346,6 +347,7 @@ pub fn spawn_signal_watcher(tx: Sender<VmmEvent>) -> std::io::Result<()> {
         .name("kiln_signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                METRICS.signals.record(signal);
                 if tx.send(VmmEvent::Signal(signal)).is_err() {
                     return;
                 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
@@ -16,13 +16,15 @@ use api::http::{
 use api::models::FullVmConfiguration;
 use api::routes::parse_request;
 use clap::Parser;
+use devices::legacy::process_cpu_time;
 use vmm::api_controller::{ApiController, PreBoot};
 use vmm::builder::build_microvm;
-use vmm::cli::{Cli, Command, ProcessArgs, RunArgs};
+use vmm::cli::{Cli, Command, ObservabilityArgs, ProcessArgs, RunArgs};
 use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
 use vmm::guest_images::default_guest;
 use vmm::host_quirks::HostQuirks;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
+use vmm::metrics::METRICS;
 use vmm::resources::VmResources;
 use vmm::vstate::vm;
 
@@ -30,8 +32,14 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("kiln: {message}");
+    log::error!("{message}");
     ExitCode::from(code)
+}
+
+/// When Kiln started, for `api_server.process_startup_time_us`.
+struct Startup {
+    wall: Instant,
+    cpu: Option<Duration>,
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -61,11 +69,13 @@ fn run(args: RunArgs) -> ExitCode {
         drives: args.drives,
         nets: args.nets,
         rng: args.rng,
+        vsock: args.vsock,
     };
-    let config = match request.validate(limits) {
+    let mut config = match request.validate(limits) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
+    config.boot_timer = args.observability.boot_timer;
     let quirks = HostQuirks::detect();
     let microvm = match build_microvm(&kvm, &config, &quirks) {
         Ok(microvm) => microvm,
@@ -73,7 +83,7 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_FAILURE, e),
     };
     if let Some(line) = quirks.describe() {
-        eprintln!("{line}");
+        log::info!("{line}");
     }
     exit_status(microvm.run(forward_stdin))
 }
@@ -82,16 +92,16 @@ fn run(args: RunArgs) -> ExitCode {
 fn exit_status(result: std::io::Result<ExitReason>) -> ExitCode {
     match result {
         Ok(ExitReason::GuestReset) => {
-            eprintln!("kiln: the guest rebooted; exiting");
+            log::info!("the guest rebooted; exiting");
             ExitCode::SUCCESS
         }
         Ok(ExitReason::GuestPowerOff) => {
-            eprintln!("kiln: the guest powered off; exiting");
+            log::info!("the guest powered off; exiting");
             ExitCode::SUCCESS
         }
         Ok(ExitReason::Fatal(e)) => fail(EXIT_FAILURE, format!("guest failed: {e}")),
         Ok(ExitReason::Signal(signal)) => {
-            eprintln!("kiln: stopped by signal {signal}");
+            log::info!("stopped by signal {signal}");
             ExitCode::from(128u8.saturating_add(signal as u8))
         }
         Ok(ExitReason::EventLoopFailed(e)) => fail(EXIT_FAILURE, format!("device event loop: {e}")),
@@ -107,30 +117,43 @@ fn exit_status(result: std::io::Result<ExitReason>) -> ExitCode {
 /// vCPU; a build opens images and loads the kernel).
 const API_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The API thread's request handler: parse, hand to the VMM, wait for its answer.
+/// The API thread's request handler: parse, hand to the VMM, wait for its answer; count it in
+/// the metrics.
 fn api_handler(tx: Sender<VmmEvent>) -> RequestHandler {
     Arc::new(move |request: HttpRequest| {
-        let parsed = parse_request(request.method.as_str(), &request.path, &request.body);
-        let request = match parsed {
-            Ok(request) => request,
-            Err(e) => return HttpResponse::fault(e.status(), &e.fault_message()),
-        };
-        let (reply_tx, reply_rx) = mpsc::channel();
-        let call = VmmEvent::Api(ApiCall {
-            request,
-            reply: reply_tx,
-        });
-        if tx.send(call).is_err() {
-            return HttpResponse::fault(503, "The microVM is shutting down.");
-        }
-        reply_rx
-            .recv_timeout(API_REPLY_TIMEOUT)
-            .unwrap_or_else(|_| HttpResponse::fault(504, "The VMM did not answer in time."))
+        let response = answer(&tx, &request);
+        METRICS
+            .api_requests
+            .record(request.method.as_str(), &request.path, response.status());
+        response
     })
 }
 
+fn answer(tx: &Sender<VmmEvent>, request: &HttpRequest) -> HttpResponse {
+    let parsed = parse_request(request.method.as_str(), &request.path, &request.body);
+    let request = match parsed {
+        Ok(request) => request,
+        Err(e) => return HttpResponse::fault(e.status(), &e.fault_message()),
+    };
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let call = VmmEvent::Api(ApiCall {
+        request,
+        reply: reply_tx,
+    });
+    if tx.send(call).is_err() {
+        METRICS.api_server.sync_response_fails.inc();
+        return HttpResponse::fault(503, "The microVM is shutting down.");
+    }
+    reply_rx
+        .recv_timeout(API_REPLY_TIMEOUT)
+        .unwrap_or_else(|_| {
+            METRICS.api_server.sync_vmm_send_timeout_count.inc();
+            HttpResponse::fault(504, "The VMM did not answer in time.")
+        })
+}
+
 /// Firecracker's process mode: serve the API and/or boot from a config file.
-fn serve(args: ProcessArgs) -> ExitCode {
+fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
@@ -142,12 +165,24 @@ fn serve(args: ProcessArgs) -> ExitCode {
         },
         None => VmResources::default(),
     };
+    // A config file's logger and metrics apply at once, after the flags (as in Firecracker).
+    if let Some(logger) = &resources.logger {
+        if let Err(e) = vmm::logger::configure(logger) {
+            return fail(EXIT_BAD_INPUT, format!("config file: {e}"));
+        }
+    }
+    if let Some(metrics) = &resources.metrics {
+        if let Err(e) = METRICS.configure(metrics, &args.id) {
+            return fail(EXIT_BAD_INPUT, format!("config file: {e}"));
+        }
+    }
     let (tx, rx) = mpsc::channel();
     // From here on a stop signal ends Kiln cleanly (the socket guard removes the socket).
     if let Err(e) = spawn_signal_watcher(tx.clone()) {
         return fail(EXIT_FAILURE, format!("watching signals: {e}"));
     }
-    let _server = if args.no_api {
+    // Kept to the end: dropping it stops the API thread and removes the socket.
+    let server = if args.no_api {
         None
     } else {
         let listener = match bind_api_socket(&args.api_sock) {
@@ -164,6 +199,14 @@ fn serve(args: ProcessArgs) -> ExitCode {
             Err(e) => return fail(EXIT_FAILURE, format!("starting the API server: {e}")),
         }
     };
+    if server.is_some() {
+        let cpu = startup
+            .cpu
+            .zip(process_cpu_time())
+            .map(|(start, now)| now.saturating_sub(start));
+        METRICS.api_started(startup.wall.elapsed(), cpu);
+    }
+    let boot_timer = args.observability.boot_timer;
     let mut controller = ApiController::new(args.id, resources);
     let quirks = HostQuirks::detect();
     let start = |controller: &ApiController| -> Result<_, String> {
@@ -171,9 +214,10 @@ fn serve(args: ProcessArgs) -> ExitCode {
             .resources()
             .vm_config_request()
             .map_err(|e| e.to_string())?;
-        let config = request
+        let mut config = request
             .validate(host_limits(&kvm))
             .map_err(|e| e.to_string())?;
+        config.boot_timer = boot_timer;
         build_microvm(&kvm, &config, &quirks).map_err(|e| e.to_string())
     };
     let microvm = if args.config_file.is_some() {
@@ -189,7 +233,7 @@ fn serve(args: ProcessArgs) -> ExitCode {
             let call = match event {
                 VmmEvent::Api(call) => call,
                 VmmEvent::Signal(signal) if signal != libc::SIGUSR1 => {
-                    eprintln!("kiln: stopped by signal {signal} before the microVM started");
+                    log::info!("stopped by signal {signal} before the microVM started");
                     return ExitCode::from(128u8.saturating_add(signal as u8));
                 }
                 _ => continue,
@@ -211,7 +255,7 @@ fn serve(args: ProcessArgs) -> ExitCode {
         }
     };
     if let Some(line) = quirks.describe() {
-        eprintln!("{line}");
+        log::info!("{line}");
     }
     let result = microvm.run_with(false, tx, rx, &mut |request, vm| {
         controller.runtime(request, vm)
@@ -239,10 +283,38 @@ fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Run(args)) => run(args),
-        None => serve(cli.process),
+/// Applies the logging and metrics flags.
+fn configure_observability(args: &ObservabilityArgs) -> Result<(), String> {
+    if let Some(logger) = args.logger_config() {
+        vmm::logger::configure(&logger).map_err(|e| e.to_string())?;
     }
+    if let Some(metrics) = args.metrics_config() {
+        // `--metrics-path` has no instance id to emit.
+        METRICS.configure(&metrics, "").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let startup = Startup {
+        wall: Instant::now(),
+        cpu: process_cpu_time(),
+    };
+    let cli = Cli::parse();
+    // The only possible failure is another logger installed first, and nothing else installs one.
+    let _ = vmm::logger::install();
+    let observability = match &cli.command {
+        Some(Command::Run(args)) => &args.observability,
+        None => &cli.process.observability,
+    };
+    if let Err(e) = configure_observability(observability) {
+        return fail(EXIT_BAD_INPUT, e);
+    }
+    let status = match cli.command {
+        Some(Command::Run(args)) => run(args),
+        None => serve(cli.process, &startup),
+    };
+    // Firecracker writes the metrics one last time on its way out.
+    METRICS.flush_if_configured();
+    status
 }

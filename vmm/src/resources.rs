@@ -11,7 +11,7 @@ use api::models::{
 };
 
 use crate::config::{ConsoleConfig, VmConfigRequest};
-use crate::device_config::{DriveConfig, NetConfig, RngConfig};
+use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 
 /// A resource change that does not fit with the others.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,6 +180,10 @@ impl VmResources {
             nets: self.nets.iter().map(net_config).collect(),
             rng: self.entropy.as_ref().map(|e| RngConfig {
                 rate_limiter: e.rate_limiter.unwrap_or_default(),
+            }),
+            vsock: self.vsock.as_ref().map(|v| VsockConfig {
+                guest_cid: u64::from(v.guest_cid),
+                uds_path: v.uds_path.clone(),
             }),
         })
     }

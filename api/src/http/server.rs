@@ -62,15 +62,16 @@ impl Default for ServerConfig {
     }
 }
 
-/// The one log line per request, on stderr: `kiln: api: GET /path -> 200 in 123 us`. Faults found
-/// before a request was parsed are logged with `-` for method and path.
+/// The one log line per request, at info level: `kiln: api: GET /path -> 200 in 123 us` (the
+/// logger adds `kiln: `). Faults found before a request was parsed are logged with `-` for method
+/// and path.
 pub fn log_request(method: &str, path: &str, status: u16, elapsed: Duration) {
-    eprintln!("{}", request_log_line(method, path, status, elapsed));
+    log::info!("{}", request_log_line(method, path, status, elapsed));
 }
 
 fn request_log_line(method: &str, path: &str, status: u16, elapsed: Duration) -> String {
     format!(
-        "kiln: api: {method} {path} -> {status} in {} us",
+        "api: {method} {path} -> {status} in {} us",
         elapsed.as_micros()
     )
 }
@@ -178,7 +179,7 @@ impl EventLoop {
                 Ok(ready) => ready,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    eprintln!("kiln: api: epoll_wait failed: {e}; the API server stops");
+                    log::error!("api: epoll_wait failed: {e}; the API server stops");
                     return;
                 }
             };
@@ -226,8 +227,8 @@ impl EventLoop {
                 Err(e) => {
                     // Out of fds or memory: level-triggered epoll would report the listener again
                     // at once, so take it out for a moment.
-                    eprintln!(
-                        "kiln: api: accept failed: {e}; pausing for {} ms",
+                    log::warn!(
+                        "api: accept failed: {e}; pausing for {} ms",
                         ACCEPT_BACKOFF.as_millis()
                     );
                     let _ = self.epoll.ctl(
@@ -252,7 +253,7 @@ impl EventLoop {
             match registered {
                 Ok(()) => self.accept_paused_until = None,
                 Err(e) => {
-                    eprintln!("kiln: api: cannot watch the API socket again: {e}; retrying");
+                    log::warn!("api: cannot watch the API socket again: {e}; retrying");
                     self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
                 }
             }
@@ -725,7 +726,7 @@ mod tests {
     fn log_line_format_is_stable() {
         assert_eq!(
             request_log_line("PUT", "/actions", 204, Duration::from_micros(1234)),
-            "kiln: api: PUT /actions -> 204 in 1234 us"
+            "api: PUT /actions -> 204 in 1234 us"
         );
     }
 }

@@ -352,7 +352,7 @@ impl I8042 {
     /// Like [`Self::raise_kbd_interrupt`], for paths the guest drives: a failure is logged.
     fn raise_kbd_interrupt_or_log(&self) {
         if let Err(e) = self.raise_kbd_interrupt() {
-            eprintln!("kiln: {e}");
+            log::error!("{e}");
         }
     }
 
@@ -401,7 +401,7 @@ impl I8042 {
             Command::WriteAux => self.controller_param = Some(ControllerParam::Aux),
             Command::ResetCpu => {
                 if let Err(e) = self.reset.trigger() {
-                    eprintln!("kiln: i8042: could not signal the guest's reset: {e}");
+                    log::error!("i8042: could not signal the guest's reset: {e}");
                 }
             }
             Command::Unsupported(_) => {}

@@ -1,12 +1,16 @@
-//! Legacy PC devices on the port I/O bus: the 16550 UART and the i8042 controller.
+//! Legacy PC devices on the port I/O bus: the 16550 UART and the i8042 controller; and
+//! Firecracker's boot-timer pseudo device on the MMIO bus.
 //!
 //! The UART wraps vm-superio's model; the i8042 is Kiln's own (a controller with one PS/2
 //! keyboard). This module adds the bus glue and the eventfd triggers that connect them to KVM
 //! (irqfds for the UART's and the keyboard's interrupt lines, an eventfd the VMM waits on for the
 //! i8042's CPU-reset command).
 
+mod boot_timer;
 mod i8042;
 mod serial;
+
+pub use boot_timer::{process_cpu_time, BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_MAGIC};
 
 pub use i8042::{I8042Error, I8042};
 pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};

@@ -62,7 +62,7 @@ impl BusDevice for SerialConsole {
             // The guest keeps running without a console rather than dying with it.
             if !self.output_failed {
                 self.output_failed = true;
-                eprintln!("kiln: serial console output failed, further output is dropped: {e}");
+                log::error!("serial console output failed, further output is dropped: {e}");
             }
         }
     }

@@ -20,7 +20,7 @@ impl GuestErrorLog {
     pub fn record(&mut self, device: &str, error: &dyn std::fmt::Display) {
         self.count = self.count.saturating_add(1);
         if self.should_log() {
-            eprintln!("kiln: {device}: guest error #{}: {error}", self.count);
+            log::warn!("{device}: guest error #{}: {error}", self.count);
         }
     }
 

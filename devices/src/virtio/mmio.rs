@@ -331,7 +331,7 @@ impl MmioTransport {
             return;
         }
         if let Err(e) = device.activate(self.mem.clone(), self.interrupt.clone(), queues) {
-            eprintln!("kiln: virtio device type {}: {e}", device.device_type());
+            log::error!("virtio device type {}: {e}", device.device_type());
             drop(device);
             self.interrupt.signal_needs_reset();
         }

@@ -69,10 +69,7 @@ pub fn init<D: SingleQueueDevice>(device: &mut D, ops: &mut EventOps) {
     ];
     for (fd, data) in sources {
         if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-            eprintln!(
-                "kiln: {}: cannot watch event source {data}: {e}",
-                D::LOG_NAME
-            );
+            log::error!("{}: cannot watch event source {data}: {e}", D::LOG_NAME);
         }
     }
 }

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::regs::{self, EntryPoint};
+use crate::metrics::METRICS;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -150,7 +151,7 @@ pub struct VcpuSample {
 /// Requests another thread makes of a running vCPU; it acts on them between runs.
 #[derive(Debug, Default)]
 pub struct VcpuRequests {
-    /// Print a report (RIP, exit counts) to stderr.
+    /// Log a report (RIP, exit counts).
     pub report: AtomicBool,
     /// Take a sample for the stuck-vCPU watchdog.
     pub sample: AtomicBool,
@@ -308,6 +309,7 @@ impl Vcpu {
         let fatal_reason = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.exits.io_in += 1;
+                METRICS.vcpu.exit_io_in.inc();
                 if !self.io_bus.read(u64::from(port), data) {
                     // An absent ISA device floats the bus high.
                     data.fill(0xff);
@@ -317,6 +319,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.exits.io_out += 1;
+                METRICS.vcpu.exit_io_out.inc();
                 if !self.io_bus.write(u64::from(port), data) {
                     self.exits.unclaimed += 1;
                 }
@@ -324,6 +327,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.exits.mmio_read += 1;
+                METRICS.vcpu.exit_mmio_read.inc();
                 if !self.mmio_bus.read(addr, data) {
                     data.fill(0xff);
                     self.exits.unclaimed += 1;
@@ -332,6 +336,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.exits.mmio_write += 1;
+                METRICS.vcpu.exit_mmio_write.inc();
                 if !self.mmio_bus.write(addr, data) {
                     self.exits.unclaimed += 1;
                 }
@@ -368,6 +373,7 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EAGAIN => return Ok(VcpuEvent::Handled),
             Err(e) => format!("KVM_RUN failed: {e}"),
         };
+        METRICS.vcpu.failures.inc();
         Err(VcpuError::Fatal(self.fatal_exit(fatal_reason)))
     }
 
@@ -383,7 +389,7 @@ impl Vcpu {
                 return Ok(None);
             }
             if requests.report.swap(false, Ordering::AcqRel) {
-                eprintln!("{}", self.report());
+                log::info!("{}", self.report());
             }
             if requests.sample.swap(false, Ordering::AcqRel) {
                 let sample = self.sample();
@@ -412,7 +418,7 @@ impl Vcpu {
         }
     }
 
-    /// The one-line SIGUSR1 report.
+    /// The one-line SIGUSR1 report (the logger adds `kiln: `).
     pub fn report(&self) -> String {
         let sample = self.sample();
         let rip = sample
@@ -420,7 +426,7 @@ impl Vcpu {
             .map_or_else(|| "unavailable".to_string(), |rip| format!("{rip:#x}"));
         let state = if sample.halted { "halted" } else { "running" };
         format!(
-            "kiln: vCPU {}: RIP {rip} ({state}); exits: {}",
+            "vCPU {}: RIP {rip} ({state}); exits: {}",
             self.index, sample.exits
         )
     }

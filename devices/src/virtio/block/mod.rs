@@ -89,6 +89,10 @@ pub struct BlockCounters {
     pub failed_requests: u64,
     /// FLUSH requests.
     pub flushes: u64,
+    /// Read (IN) requests completed successfully.
+    pub reads: u64,
+    /// Write (OUT) requests completed successfully.
+    pub writes: u64,
 }
 
 /// The block device.
@@ -304,6 +308,7 @@ impl RequestHandler<'_> {
                 .disk
                 .read(self.mem, request.sector, request.data_len, &request.data)
                 .map(|()| {
+                    self.counters.reads += 1;
                     self.counters.read_bytes += u64::from(request.data_len);
                     request.data_len
                 }),
@@ -311,6 +316,7 @@ impl RequestHandler<'_> {
                 .disk
                 .write(self.mem, request.sector, request.data_len, &request.data)
                 .map(|()| {
+                    self.counters.writes += 1;
                     self.counters.write_bytes += u64::from(request.data_len);
                     0
                 }),
@@ -520,6 +526,7 @@ mod tests {
         assert_eq!(&file[2048..3072], &[0x5a; 1024][..]);
         let c = dev.counters();
         assert_eq!((c.read_bytes, c.write_bytes, c.flushes), (1024, 1024, 1));
+        assert_eq!((c.reads, c.writes, c.requests), (1, 1, 4));
     }
 
     #[test]

@@ -55,10 +55,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         ];
         for (fd, data, events) in sources {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, events)) {
-                eprintln!(
-                    "kiln: {}: cannot watch event source {data}: {e}",
-                    self.log_name
-                );
+                log::error!("{}: cannot watch event source {data}: {e}", self.log_name);
             }
         }
     }

@@ -553,8 +553,8 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         if let Err(e) = self.backend.set_offload(offloads) {
             // Without offloads the TAP hands over only finished frames, which every guest takes;
             // clear whatever an earlier activation enabled.
-            eprintln!(
-                "kiln: {}: enabling tap offloads {offloads:#x}: {e}",
+            log::warn!(
+                "{}: enabling tap offloads {offloads:#x}: {e}",
                 self.log_name
             );
             let _ = self.backend.set_offload(0);

@@ -48,6 +48,19 @@ enum RequestError {
     Write(std::io::Error),
 }
 
+/// Counters, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RngCounters {
+    /// Bytes handed to the guest.
+    pub bytes: u64,
+    /// Buffers filled (empty ones are not counted).
+    pub requests: u64,
+    /// Buffers left unfilled because the host's getrandom(2) failed.
+    pub host_failures: u64,
+    /// Unusable buffers or rings the guest submitted.
+    pub guest_errors: u64,
+}
+
 /// The entropy device.
 pub struct Rng {
     queue_evts: [EventFd; 1],
@@ -56,8 +69,12 @@ pub struct Rng {
     acked_features: u64,
     active: Option<ActiveQueue>,
     errors: GuestErrorLog,
+    /// getrandom(2) failures: the host's fault, counted apart from the guest's.
+    host_errors: GuestErrorLog,
     /// Bytes handed to the guest so far.
     bytes_served: u64,
+    /// Buffers filled so far (empty ones are not counted).
+    requests_served: u64,
 }
 
 impl Rng {
@@ -71,13 +88,25 @@ impl Rng {
             acked_features: 0,
             active: None,
             errors: GuestErrorLog::default(),
+            host_errors: GuestErrorLog::default(),
             bytes_served: 0,
+            requests_served: 0,
         })
     }
 
     /// Bytes handed to the guest so far.
     pub fn bytes_served(&self) -> u64 {
         self.bytes_served
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> RngCounters {
+        RngCounters {
+            bytes: self.bytes_served,
+            requests: self.requests_served,
+            host_failures: self.host_errors.count(),
+            guest_errors: self.errors.count(),
+        }
     }
 
     /// Serves every available buffer the rate limiter allows, then interrupts the guest if it
@@ -89,7 +118,9 @@ impl Rng {
         let mem = &active.mem;
         let rate_limiter = &mut self.rate_limiter;
         let errors = &mut self.errors;
+        let host_errors = &mut self.host_errors;
         let bytes_served = &mut self.bytes_served;
+        let requests_served = &mut self.requests_served;
         let result = drain_queue(&mut active.queue, mem, &active.interrupt, |chain| {
             let mut writer = match chain.writer(mem) {
                 Ok(w) => w,
@@ -106,7 +137,12 @@ impl Rng {
             match fill_random(&mut writer, len) {
                 Ok(()) => {
                     *bytes_served += len as u64;
+                    *requests_served += u64::from(len > 0);
                     ChainOutcome::Used(len as u32)
+                }
+                Err(e @ RequestError::Entropy(_)) => {
+                    host_errors.record("virtio-rng", &e);
+                    ChainOutcome::Used(0)
                 }
                 Err(e) => {
                     errors.record("virtio-rng", &e);
@@ -227,6 +263,9 @@ mod tests {
         mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
         assert_ne!(out, [0u8; 64]);
         assert_eq!(rng.bytes_served(), 64);
+        let counters = rng.counters();
+        assert_eq!((counters.bytes, counters.requests), (64, 1));
+        assert_eq!((counters.host_failures, counters.guest_errors), (0, 0));
     }
 
     #[test]
@@ -261,6 +300,9 @@ mod tests {
         mem.read_slice(&mut out, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(out, [0u8; 64], "a read-only buffer must not be written");
         assert!(rng.is_activated());
+        // The read-only buffer is an empty one to this device; the one outside memory is an error.
+        assert_eq!(rng.counters().guest_errors, 1);
+        assert_eq!(rng.counters().requests, 0);
     }
 
     #[test]

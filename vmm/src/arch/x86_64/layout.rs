@@ -7,9 +7,15 @@
 //! 0x0009_fc00  MP floating pointer (start of the EBDA: Linux scans here)
 //! 0x000f_0000  MP configuration table (BIOS area: reserved, never RAM in the e820 map)
 //! 0x0010_0000  kernel (HIMEM_START) ... initrd at the top of low RAM
-//! 0xd000_0000 .. 0x1_0000_0000  MMIO gap: virtio-mmio windows, IOAPIC, LAPIC, KVM's TSS
-//! 0x1_0000_0000  RAM beyond the gap, when the guest has more than 3.25 GiB
+//! 0xc000_0000 .. 0x1_0000_0000  MMIO gap (1 GiB, never RAM):
+//!     0xc000_0000  boot timer (--boot-timer), Firecracker's address for it
+//!     0xd000_0000  virtio-mmio windows, 4 KiB each
+//!     0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC, 0xfffb_d000 KVM's TSS
+//! 0x1_0000_0000  RAM beyond the gap, when the guest has more than 3 GiB
 //! ```
+//!
+//! Invariant: every MMIO address Kiln gives a device is inside the gap, so it never shadows RAM
+//! whatever the guest's size.
 
 use vm_memory::GuestAddress;
 
@@ -42,7 +48,11 @@ pub const MPTABLE_END: u64 = 0x100000;
 /// Where high memory starts and the kernel is loaded.
 pub const HIMEM_START: u64 = 0x100000;
 /// The MMIO gap below 4 GiB: no RAM here.
-pub const MMIO_GAP_START: u64 = 0xd000_0000;
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// Firecracker's boot-timer device: the guest writes 123 here when it has booted.
+pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
+/// The first virtio-mmio window (slot N is `N * 4 KiB` above it).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// The end of the MMIO gap.
 pub const MMIO_GAP_END: u64 = 1 << 32;
 /// The IOAPIC's MMIO address.
@@ -118,6 +128,40 @@ mod tests {
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 4 << 30);
         assert_eq!(low_ram_end(4 << 30), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn three_and_a_half_gib_end_below_the_boot_timer() {
+        let regions = ram_regions(3584 << 20).unwrap();
+        assert_eq!(
+            regions,
+            vec![
+                (GuestAddress(0), 0xc000_0000),
+                (GuestAddress(1 << 32), 512 << 20)
+            ]
+        );
+        assert_eq!(ram_regions(3 << 30).unwrap().len(), 1);
+        assert_eq!(low_ram_end(3584 << 20), BOOT_TIMER_ADDR);
+    }
+
+    #[test]
+    fn device_addresses_are_inside_the_gap_in_order() {
+        // 19 virtio windows (one per GSI 5..=23) of 4 KiB each.
+        let virtio_end =
+            VIRTIO_MMIO_START + u64::from(LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) * 0x1000;
+        let order = [
+            MMIO_GAP_START,
+            BOOT_TIMER_ADDR,
+            BOOT_TIMER_ADDR + 0x1000,
+            VIRTIO_MMIO_START,
+            virtio_end,
+            IOAPIC_ADDR,
+            APIC_ADDR,
+            KVM_TSS_ADDR,
+            KVM_TSS_ADDR + 3 * 0x1000,
+            MMIO_GAP_END,
+        ];
+        assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:x?}");
     }
 
     #[test]
