@@ -6,6 +6,14 @@
 //!
 //! Checksum: FNV-1a 64 over the bytes, written as 16 lowercase hex digits ([`fnv_hex`]), as in
 //! the guest's `SINK` reply `<nbytes> <fnv64hex>\n` and its `ok` lines.
+//!
+//! Also the host's client side of Firecracker's hybrid vsock: [`connect_guest`] and
+//! [`read_line`].
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Mixed into the seed so that small seeds (0, 1, 2: connection indices) start far apart.
 const SEED_MIX: u32 = 0x9E37_79B9;
@@ -138,6 +146,44 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 #[must_use]
 pub fn fnv_hex(hash: u64) -> String {
     format!("{hash:016x}")
+}
+
+/// Reads one `\n`-terminated line (without it), byte by byte so nothing after it is consumed;
+/// stops at EOF or after 128 bytes.
+pub fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() <= 128 {
+        if stream.read(&mut byte)? == 0 || byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Connects to guest `port` through the hybrid socket `uds` (`CONNECT port` / `OK ...`),
+/// retrying every half second until `deadline` while the guest is not listening yet (it
+/// answers RST and the client is closed without `OK`). Panics at the deadline.
+pub fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest port {port} never accepted"
+        );
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+            if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok() {
+                if let Ok(line) = read_line(&mut s) {
+                    if line.starts_with("OK ") {
+                        s.set_read_timeout(Some(Duration::from_secs(300))).ok();
+                        return s;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[cfg(test)]

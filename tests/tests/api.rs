@@ -68,16 +68,16 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
     for (bad, expected) in [
         (r#"{"guest_cid":2,"uds_path":"/tmp/v.sock"}"#, "guest_cid 2"),
         (r#"{"guest_cid":3}"#, "uds_path"),
-        (r#"{"guest_cid":3,"uds_path":"/v","cid":3}"#, "unknown field"),
+        (
+            r#"{"guest_cid":3,"uds_path":"/v","cid":3}"#,
+            "unknown field",
+        ),
     ] {
         let (status, body) = call(&sock, "PUT", "/vsock", bad);
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body.contains(expected), "{bad}: {body}");
     }
-    let vsock = format!(
-        r#"{{"guest_cid":3,"uds_path":"{}"}}"#,
-        vsock_path.display()
-    );
+    let vsock = format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, vsock_path.display());
     assert_eq!(call(&sock, "PUT", "/vsock", &vsock).0, 204);
     let (_, config) = call(&sock, "GET", "/vm/config", "");
     assert!(config.contains(r#""guest_cid":3"#), "{config}");

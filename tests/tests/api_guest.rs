@@ -1,32 +1,106 @@
-//! End to end through Firecracker's API with the real default guest (one boot, about two minutes
-//! on our nested-KVM machines): a Kata-style configuration (read-only root drive, a placeholder
-//! drive, entropy), InstanceStart, then — while the guest runs — the placeholder gets its real
-//! backing file by PATCH and the guest sees the new capacity and contents, the VM is paused and
-//! resumed, and SendCtrlAltDel ends it.
+//! End to end through Firecracker's API with the real default guest, in Kata runtime-rs's call
+//! order (two boots, about three minutes on our nested-KVM machines), inside a network namespace
+//! this test creates:
+//!
+//! 1. Over the API socket: boot source, machine config, a read-only root drive and placeholder
+//!    drives, vsock, network interface eth0 on a TAP, entropy, InstanceStart. While the guest runs:
+//!    the host reaches the guest's vsock listener through the hybrid socket, the guest's eth0 has
+//!    the configured MAC and pings the TAP, the placeholder gets its real backing file by PATCH
+//!    and the guest sees the new capacity and contents, the VM is paused and resumed, and
+//!    SendCtrlAltDel ends it.
+//! 2. The same VM from `--config-file` (the `GET /vm/config` document read before boot 1's
+//!    InstanceStart) with `--no-api`: vsock both ways and eth0 again, then the guest reboots.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line};
 use kiln_tests::{
-    api_call as call, kiln_bin, kvm_available, scratch_dir, sha256_file, wait_for_socket,
-    write_script_drive,
+    api_call as call, kiln_bin, kvm_available, scratch_dir, sha256_file, spawn_piped,
+    wait_for_socket, wait_with_deadline, write_script_drive, NetNs,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
+const TAP: &str = "kilntap1";
+const HOST_IP: &str = "10.199.1.1";
+const GUEST_IP: &str = "10.199.1.2";
+const GUEST_MAC: &str = "02:4b:49:4c:4e:02";
+const GUEST_CID: u32 = 3;
+/// The guest's vsock listener (Kata's agent listens on 1024).
+const AGENT_PORT: u32 = 1024;
+/// Host port the second boot's guest connects to when the host is done with it.
+const DONE_PORT: u32 = 7000;
+const TOOL: &str = "kiln-vsock";
 
-/// The guest's script: says it is ready, waits for its third drive to change size, reports the
-/// new size and contents, then waits to be stopped.
-const SCRIPT: &str = r#"
+/// Copies the vsock tool off its raw drive, starts its server, brings eth0 up and reports it.
+fn common_script(tool_len: usize) -> String {
+    format!(
+        r#"
+head -c {tool_len} /dev/vdd >/tmp/kv && chmod +x /tmp/kv || echo "KILN-T setup failed"
+/tmp/kv serve {AGENT_PORT} &
+ip link set eth0 up
+ip addr add {GUEST_IP}/24 dev eth0
+echo "KILN-T mac $(cat /sys/class/net/eth0/address)"
+if ping -c 2 -W 20 {HOST_IP} >/dev/null 2>&1; then echo "KILN-T ping ok"; else echo "KILN-T ping failed"; fi
+"#
+    )
+}
+
+/// Boot 1: ready, then waits for its third drive to change size, reports the new size and
+/// contents, then waits to be stopped.
+fn api_boot_script(tool_len: usize) -> String {
+    common_script(tool_len)
+        + r#"
 echo "KILN-T ready $(cat /sys/block/vdc/size)"
 i=0
 while [ "$(cat /sys/block/vdc/size)" = 8 ] && [ $i -lt 600 ]; do sleep 1; i=$((i + 1)); done
 echo "KILN-T resized $(cat /sys/block/vdc/size)"
 echo "KILN-T sum $(sha256sum </dev/vdc)"
 sleep 900
-"#;
+"#
+}
+
+/// Boot 2: reports, then fetches 16 bytes from host port [`DONE_PORT`] (served once the host is
+/// done) and ends, which reboots the guest.
+fn config_file_boot_script(tool_len: usize) -> String {
+    common_script(tool_len)
+        + &format!(
+            r#"
+echo "KILN-T size $(cat /sys/block/vdc/size)"
+i=0
+until /tmp/kv fetch 2 {DONE_PORT} 16 5; do
+    i=$((i+1))
+    [ $i -gt 600 ] && break
+    sleep 1
+done
+"#
+        )
+}
+
+/// Sends 256 KiB to the guest's `SINK` through the hybrid vsock socket and checks its checksum.
+fn vsock_round_trip(uds: &Path) -> String {
+    let mut s = connect_guest(uds, AGENT_PORT, Instant::now() + Duration::from_secs(600));
+    let data = pattern(42, 256 << 10);
+    s.write_all(b"SINK\n").unwrap();
+    s.write_all(&data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let reply = read_line(&mut s).unwrap();
+    assert_eq!(reply, format!("{} {}", data.len(), fnv_hex(fnv64(&data))));
+    reply
+}
+
+/// The value of the console line `KILN-T <key> <value>`.
+fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console.lines().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("KILN-T ")?;
+        Some(rest.strip_prefix(key)?.trim())
+    })
+}
 
 fn put(sock: &Path, method: &str, path: &str, body: &str) {
     let (status, reply) = call(sock, method, path, body);
@@ -54,28 +128,45 @@ fn wait_for(lines: &mpsc::Receiver<String>, prefix: &str, seen: &mut Vec<String>
 }
 
 #[test]
-fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
+fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     if !kvm_available() {
         return;
     }
     let images = vmm::guest_images::default_guest().expect("guest images");
+    let tool_bytes = std::fs::read(images.vmlinux.parent().unwrap().join(TOOL))
+        .expect("kiln-vsock in the guest images");
     let dir = scratch_dir("api-guest");
     let script = dir.join("script.img");
-    write_script_drive(&script, SCRIPT);
+    write_script_drive(&script, &api_boot_script(tool_bytes.len()));
+    let tool_drive = dir.join("tool.img");
+    let mut padded = tool_bytes.clone();
+    padded.resize(tool_bytes.len().div_ceil(4096) * 4096, 0);
+    std::fs::write(&tool_drive, &padded).unwrap();
     let placeholder = dir.join("placeholder.img");
     std::fs::write(&placeholder, [0u8; 4096]).unwrap();
     let real = dir.join("real.img");
-    let pattern: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-    std::fs::write(&real, &pattern).unwrap();
+    let contents: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&real, &contents).unwrap();
     let sock = dir.join("api.sock");
+    let uds = dir.join("kata.hvsock");
 
-    let mut child = Command::new(kiln_bin())
-        .args(["--api-sock", sock.to_str().unwrap(), "--id", "kata_sandbox"])
-        .stdin(Stdio::null())
+    let ns = NetNs::create(&format!("kiln-kata-{}", std::process::id()));
+    ns.run(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+    ns.run(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    ns.run(&["ip", "link", "set", TAP, "up"]);
+
+    let kiln = kiln_bin();
+    let mut cmd = ns.command(&[
+        kiln.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--id",
+        "kata_sandbox",
+    ]);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kiln");
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn kiln");
     let stdout = child.stdout.take().unwrap();
     let (line_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
@@ -93,7 +184,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
     });
     wait_for_socket(&sock, Duration::from_secs(30));
 
-    // Kata runtime-rs's order: boot source, machine, drives, then start.
+    // Kata runtime-rs's order: boot source, machine, drives, vsock, network, then start.
     let boot = format!(
         r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 reboot=k panic=1 pci=off nomodule kiln.script=/dev/vdb"}}"#,
         images.vmlinux.display()
@@ -129,7 +220,25 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
         "/drives/drive1",
         &drive("drive1", &placeholder, false, false),
     );
+    put(
+        &sock,
+        "PUT",
+        "/drives/tool",
+        &drive("tool", &tool_drive, false, true),
+    );
+    let vsock = format!(
+        r#"{{"guest_cid":{GUEST_CID},"uds_path":"{}"}}"#,
+        uds.display()
+    );
+    put(&sock, "PUT", "/vsock", &vsock);
+    let eth0 =
+        format!(r#"{{"iface_id":"eth0","host_dev_name":"{TAP}","guest_mac":"{GUEST_MAC}"}}"#);
+    put(&sock, "PUT", "/network-interfaces/eth0", &eth0);
     put(&sock, "PUT", "/entropy", "{}");
+    let (status, config) = call(&sock, "GET", "/vm/config", "");
+    assert_eq!(status, 200, "{config}");
+    let config_file = dir.join("vm.json");
+    std::fs::write(&config_file, &config).unwrap();
     put(
         &sock,
         "PUT",
@@ -140,6 +249,11 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
     let mut seen = Vec::new();
     let ready = wait_for(&lines, "KILN-T ready", &mut seen);
     assert_eq!(ready, "KILN-T ready 8");
+    let console = seen.join("\n");
+    assert_eq!(marker(&console, "mac"), Some(GUEST_MAC), "{console}");
+    assert_eq!(marker(&console, "ping"), Some("ok"), "{console}");
+    vsock_round_trip(&uds);
+
     let patch = format!(
         r#"{{"drive_id":"drive1","path_on_host":"{}"}}"#,
         real.display()
@@ -177,5 +291,55 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("the guest rebooted"), "{stderr}");
     assert!(!sock.exists());
+    assert!(!uds.exists(), "the vsock socket is removed on exit");
+
+    // Boot 2: the same VM from the config file, no API.
+    write_script_drive(&script, &config_file_boot_script(tool_bytes.len()));
+    let child = spawn_piped(ns.command(&[
+        kiln.to_str().unwrap(),
+        "--no-api",
+        "--config-file",
+        config_file.to_str().unwrap(),
+    ]));
+    let host = {
+        let uds = uds.clone();
+        std::thread::spawn(move || {
+            let reply = std::panic::catch_unwind(|| vsock_round_trip(&uds));
+            // Whatever happened, let the guest finish: serve its fetch of 16 bytes.
+            let mut done_path = uds.as_os_str().to_owned();
+            done_path.push(format!("_{DONE_PORT}"));
+            let listener = UnixListener::bind(&done_path).unwrap();
+            if let Ok((mut s, _)) = listener.accept() {
+                let _ = read_line(&mut s);
+                let _ = s.write_all(&pattern(5, 16));
+            }
+            reply
+        })
+    };
+    let out = wait_with_deadline(child, BOOT_DEADLINE);
+    eprintln!(
+        "config-file boot: exit {} in {:.1} s; stderr:\n{}\nconsole:\n{}",
+        out.code(),
+        out.elapsed.as_secs_f64(),
+        out.stderr,
+        out.stdout
+    );
+    if let Err(panic) = host.join().expect("host thread") {
+        std::panic::resume_unwind(panic);
+    }
+    assert_eq!(out.code(), 0);
+    assert_eq!(marker(&out.stdout, "mac"), Some(GUEST_MAC));
+    assert_eq!(marker(&out.stdout, "ping"), Some("ok"));
+    assert_eq!(
+        marker(&out.stdout, "size"),
+        Some("8"),
+        "the placeholder, as configured"
+    );
+    assert!(
+        out.stdout.contains("KILN-VSOCK-FETCH ok 16"),
+        "guest → host over vsock"
+    );
+    assert!(!uds.exists(), "the vsock socket is removed on exit");
+    drop(ns);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -220,7 +220,12 @@ fn bad_input_is_one_line_and_status_2() {
             "vsock socket",
         ),
         (
-            vec!["--kernel", &good, "--vsock", "cid=3,uds=/nonexistent/dir/v.sock"],
+            vec![
+                "--kernel",
+                &good,
+                "--vsock",
+                "cid=3,uds=/nonexistent/dir/v.sock",
+            ],
             "vsock socket",
         ),
     ];

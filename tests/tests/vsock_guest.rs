@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::vsock_proto::{fnv64, fnv_hex, pattern, Fnv64};
+use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line, Fnv64};
 use kiln_tests::{
     kiln_bin, kvm_available, scratch_dir, spawn_piped, wait_with_deadline, write_script_drive,
 };
@@ -59,25 +59,6 @@ done
 echo "KILN-T barrier $i"
 "#
     )
-}
-
-/// Reads one `\n`-terminated line, byte by byte so nothing after it is consumed.
-fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        if stream.read(&mut byte)? == 0 {
-            break;
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() > 128 {
-            break;
-        }
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// What the host-side server saw, per command.
@@ -157,29 +138,6 @@ fn serve_one(stream: &mut UnixStream, command: &str) -> String {
             }
         }
         _ => "bad command".to_string(),
-    }
-}
-
-/// Connects to the guest's port through the hybrid socket, retrying while the guest is not
-/// listening yet (it answers RST, and the client is closed without `OK`).
-fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "guest port {port} never accepted"
-        );
-        if let Ok(mut s) = UnixStream::connect(uds) {
-            s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-            if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok() {
-                if let Ok(line) = read_line(&mut s) {
-                    if line.starts_with("OK ") {
-                        s.set_read_timeout(Some(Duration::from_secs(300))).ok();
-                        return s;
-                    }
-                }
-            }
-        }
-        thread::sleep(Duration::from_millis(500));
     }
 }
 
