@@ -303,3 +303,12 @@ pub fn api_call(sock: &std::path::Path, method: &str, path: &str, body: &str) ->
         .unwrap_or_default();
     (status, body)
 }
+
+/// The JSON objects of a metrics file, one per line (none if the file does not exist yet).
+pub fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}

@@ -5,8 +5,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use kiln_tests::{
-    api_call as call, hello_elf, kvm_available, scratch_dir, spawn_kiln, tiny_elf, wait_for_socket,
-    wait_with_deadline, write_file, TINY_LOAD_ADDR,
+    api_call as call, hello_elf, kvm_available, metrics_lines, scratch_dir, spawn_kiln, tiny_elf,
+    wait_for_socket, wait_with_deadline, write_file, TINY_LOAD_ADDR,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -198,14 +198,6 @@ fn a_stop_signal_before_start_removes_the_socket() {
 }
 
 /// Reads a metrics file: one JSON object per line.
-fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 #[test]
 fn logger_and_metrics_through_the_socket() {
     if !kvm_available() {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kiln_tests::{
-    hello_elf, kvm_available, run_kiln, scratch_dir, spawn_kiln, tiny_elf, wait_with_deadline,
-    write_file, TINY_LOAD_ADDR,
+    hello_elf, kvm_available, metrics_lines, run_kiln, scratch_dir, spawn_kiln, tiny_elf,
+    wait_with_deadline, write_file, TINY_LOAD_ADDR,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -366,14 +366,6 @@ fn a_guest_over_3_gib_boots_and_reaches_the_boot_timer() {
     );
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stderr.contains("kiln: Guest-boot-time = "), "{out:?}");
-}
-
-fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
 }
 
 #[test]

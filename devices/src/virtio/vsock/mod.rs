@@ -318,4 +318,6 @@ impl VirtioDevice for Vsock {
 }
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;

@@ -11,26 +11,16 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::packet::{Op, PacketHeader, HEADER_LEN, HOST_CID, TYPE_STREAM};
+use super::packet::{Op, PacketHeader, HEADER_LEN};
 use super::*;
 use crate::virtio::test_queue::add_chains_at;
 
+use super::test_support::{guest_header, socket_dir, TempDir, GUEST_CID};
+
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const GUEST_CID: u64 = 3;
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn vsock(test: &str) -> (Vsock, PathBuf, TempDir) {
-    let dir = std::env::temp_dir().join(format!("kiln-vsockdev-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("v.sock");
+    let (path, dir) = socket_dir(&format!("dev-{test}"));
     let listener = UnixListener::bind(&path).unwrap();
     let dev = Vsock::new(VsockConfig {
         guest_cid: GUEST_CID,
@@ -38,7 +28,7 @@ fn vsock(test: &str) -> (Vsock, PathBuf, TempDir) {
         listener,
     })
     .unwrap();
-    (dev, path, TempDir(dir))
+    (dev, path, dir)
 }
 
 fn mem() -> GuestMemoryMmap {
@@ -88,21 +78,6 @@ fn used(mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, GuestMemoryMmap>, i: u64)
 
 fn used_idx(mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
     mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap()
-}
-
-fn guest_header(op: Op, src_port: u32, dst_port: u32, len: u32) -> PacketHeader {
-    PacketHeader {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len,
-        type_: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc: 256 * 1024,
-        fwd_cnt: 0,
-    }
 }
 
 /// Places a guest packet at `addr`, split over two readable descriptors in the middle of the

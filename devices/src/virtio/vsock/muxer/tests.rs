@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::virtio::vsock::connection::CONNECT_TIMEOUT;
 use crate::virtio::vsock::packet::{SHUTDOWN_BOTH, SHUTDOWN_SEND};
-
-const GUEST_CID: u64 = 3;
+use crate::virtio::vsock::test_support::{guest_header as header, socket_dir, TempDir, GUEST_CID};
 
 /// A guest tx buffer.
 struct Packet(Cursor<Vec<u8>>);
@@ -58,39 +57,13 @@ struct Fixture {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn fixture(test: &str) -> Fixture {
-    let dir = std::env::temp_dir().join(format!("kiln-vsock-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("v.sock");
+    let (path, dir) = socket_dir(&format!("mux-{test}"));
     let listener = UnixListener::bind(&path).unwrap();
     Fixture {
         muxer: Muxer::new(GUEST_CID, listener, path.clone()).unwrap(),
         path,
-        _dir: TempDir(dir),
-    }
-}
-
-fn header(op: Op, src_port: u32, dst_port: u32, len: u32) -> PacketHeader {
-    PacketHeader {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len,
-        type_: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc: 256 * 1024,
-        fwd_cnt: 0,
+        _dir: dir,
     }
 }
 
