@@ -203,9 +203,17 @@ impl Connection {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
+    /// False while the guest has not been sent this connection's REQUEST: it has nothing to
+    /// reset.
+    pub fn guest_knows(&self) -> bool {
+        !self.pending.request
+    }
+
     fn update_peer_credit(&mut self, hdr: &PacketHeader) {
         if (hdr.buf_alloc, hdr.fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt) {
+            // Fresh credit answers any request still queued.
             self.credit_requested = false;
+            self.pending.credit_request = false;
         }
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = hdr.fwd_cnt;

@@ -177,6 +177,9 @@ impl Vsock {
                 errors.record(log_name, &QueueError::from(e));
                 state.interrupt.signal_needs_reset();
                 *active = None;
+                // The guest will not reset a device in NEEDS_RESET on its own: end the host
+                // streams now rather than leave them open with no EOF.
+                muxer.reset();
                 return;
             }
         }
@@ -243,6 +246,7 @@ impl Vsock {
             errors.record(log_name, &QueueError::from(e));
             state.interrupt.signal_needs_reset();
             *active = None;
+            muxer.reset();
         }
     }
 

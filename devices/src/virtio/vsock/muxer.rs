@@ -11,7 +11,12 @@
 //! wait on a ready list (each at most once), served round-robin one packet per guest rx buffer.
 //!
 //! Bounds, whatever the guest or a host peer does:
-//! - at most [`MAX_CONNECTIONS`] streams (handshaking or connected); more are refused;
+//! - at most [`MAX_CONNECTIONS`] connections (counting ended ones whose RST the guest has not
+//!   been given yet) and [`MAX_HANDSHAKES`] host clients still sending their CONNECT line; more
+//!   are refused, so host clients that never finish a line cannot starve guest connections;
+//! - the muxer never blocks: guest-initiated connects are non-blocking (a host listener with a
+//!   full backlog is a refused connection), and when the process runs out of file descriptors
+//!   the listener is paused and retried once a second rather than reported ready forever;
 //! - each connection holds at most [`BUF_ALLOC`](super::BUF_ALLOC) buffered bytes (see `connection.rs`);
 //! - a handshake line is at most [`MAX_CONNECT_LINE`] bytes and must arrive within
 //!   [`CONNECT_TIMEOUT`]; a host-initiated connection the guest never answers is dropped after
@@ -34,11 +39,14 @@ use super::connection::{Connection, DataRead, RxWork, State, Verdict, CONNECT_TI
 use super::packet::{Op, PacketHeader, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use crate::virtio::guest_errors::GuestErrorLog;
 
-/// Most streams at once, handshaking or connected.
+/// Most connections at once (including ended ones whose RST is still queued).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most host clients at once that have not finished their CONNECT line.
+pub const MAX_HANDSHAKES: usize = 128;
 /// Longest `CONNECT <port>\n` line accepted (`CONNECT 4294967295\n` is 19 bytes).
 pub const MAX_CONNECT_LINE: usize = 32;
-/// Most RSTs waiting for guest rx buffers.
+/// Most RSTs answering stray guest packets (no connection) waiting for guest rx buffers; the
+/// RSTs of real connections are queued apart and never dropped.
 pub const MAX_PENDING_RESETS: usize = 1024;
 /// Largest payload of one packet, in either direction (Linux never sends more than 64 KiB).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -91,7 +99,7 @@ pub struct VsockCounters {
     pub tx_bytes: u64,
     /// RSTs sent to the guest.
     pub resets_sent: u64,
-    /// RSTs dropped because [`MAX_PENDING_RESETS`] were already waiting.
+    /// RSTs to stray packets dropped because [`MAX_PENDING_RESETS`] were already waiting.
     pub resets_dropped: u64,
 }
 
@@ -132,7 +140,12 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, ConnKey>,
     handshakes: HashMap<RawFd, Handshake>,
     ready: VecDeque<ConnKey>,
+    /// RSTs of connections that ended; each still counts against [`MAX_CONNECTIONS`].
+    conn_resets: VecDeque<PacketHeader>,
+    /// RSTs answering packets that named no connection.
     resets: VecDeque<PacketHeader>,
+    /// The listener is out of the epoll set after EMFILE/ENFILE, until the next sweep.
+    listener_paused: bool,
     next_local_port: u32,
     sweep_timer: TimerFd,
     sweep_armed: bool,
@@ -162,7 +175,9 @@ impl Muxer {
             by_fd: HashMap::new(),
             handshakes: HashMap::new(),
             ready: VecDeque::new(),
+            conn_resets: VecDeque::new(),
             resets: VecDeque::new(),
+            listener_paused: false,
             next_local_port: FIRST_LOCAL_PORT,
             sweep_timer: TimerFd::new().map_err(io::Error::from)?,
             sweep_armed: false,
@@ -199,7 +214,12 @@ impl Muxer {
 
     /// True if a packet is waiting for a guest rx buffer.
     pub fn has_rx(&self) -> bool {
-        !self.resets.is_empty() || !self.ready.is_empty()
+        !self.conn_resets.is_empty() || !self.resets.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Connection slots in use: open connections and ended ones with an RST still queued.
+    fn connection_slots(&self) -> usize {
+        self.conns.len() + self.conn_resets.len()
     }
 
     /// Forgets every connection (device reset): host streams are closed, nothing is sent.
@@ -216,6 +236,7 @@ impl Muxer {
         }
         self.conns.clear();
         self.ready.clear();
+        self.conn_resets.clear();
         self.resets.clear();
     }
 
@@ -249,13 +270,23 @@ impl Muxer {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of fds: the pending client stays in the backlog. Leaving the
+                    // level-triggered listener armed would report it ready forever.
+                    log::warn!(
+                        "{}: accepting a host client: {e}; pausing the listener",
+                        self.log_name
+                    );
+                    self.pause_listener();
+                    return;
+                }
                 Err(e) => {
-                    // ECONNABORTED, EMFILE and the like: this client is lost, the listener is not.
+                    // ECONNABORTED and the like: this client is lost, the listener is not.
                     log::warn!("{}: accepting a host client: {e}", self.log_name);
                     return;
                 }
             };
-            if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+            if self.handshakes.len() >= MAX_HANDSHAKES {
                 self.counters.host_connect_failures += 1;
                 continue;
             }
@@ -275,6 +306,26 @@ impl Muxer {
             self.arm_sweep();
             // The client may have written its line before the edge was armed.
             self.advance_handshake(fd, now);
+        }
+    }
+
+    fn pause_listener(&mut self) {
+        if !self.listener_paused {
+            self.unwatch(self.listener.as_raw_fd());
+            self.listener_paused = true;
+            self.arm_sweep();
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        let fd = self.listener.as_raw_fd();
+        let watched = self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, fd as u64),
+        );
+        if watched.is_ok() {
+            self.listener_paused = false;
         }
     }
 
@@ -305,6 +356,10 @@ impl Muxer {
                 self.drop_handshake(fd);
             }
             HandshakeStep::Connect(peer_port) => {
+                if self.connection_slots() >= MAX_CONNECTIONS {
+                    self.drop_handshake(fd);
+                    return;
+                }
                 let Some(hs) = self.handshakes.remove(&fd) else {
                     return;
                 };
@@ -354,8 +409,11 @@ impl Muxer {
             return;
         };
         let mut verdict = Verdict::Keep;
-        if set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             verdict = conn.on_host_hangup();
+        } else if set.intersects(EventSet::READ_HANG_UP) {
+            // Only the client's write side is closed (a half-close): its EOF is read later.
+            conn.on_host_readable();
         }
         if verdict == Verdict::Keep && set.intersects(EventSet::IN) {
             conn.on_host_readable();
@@ -388,8 +446,11 @@ impl Muxer {
                     if matches!(conn.state(), State::LocalInit { .. }) {
                         self.counters.host_connect_failures += 1;
                     }
-                    let hdr = conn.header(self.guest_cid, HOST_CID, Op::Rst, 0, 0);
-                    self.queue_reset(hdr);
+                    // A guest that never got the REQUEST has nothing to tear down.
+                    if conn.guest_knows() {
+                        let hdr = conn.header(self.guest_cid, HOST_CID, Op::Rst, 0, 0);
+                        self.conn_resets.push_back(hdr);
+                    }
                 }
             }
             Verdict::Drop => {
@@ -407,7 +468,11 @@ impl Muxer {
         let fd = conn.stream().as_raw_fd();
         self.by_fd.remove(&fd);
         self.unwatch(fd);
-        // A stale ready-list entry is skipped when it comes up.
+        if conn.in_ready {
+            // A later connection with the same key would queue itself again, so a stale entry
+            // must go now (the list is at most MAX_CONNECTIONS long).
+            self.ready.retain(|k| *k != key);
+        }
         Some(conn)
     }
 
@@ -500,19 +565,14 @@ impl Muxer {
 
     /// A guest REQUEST: connects to `<uds_path>_<port>`.
     fn connect_to_host(&mut self, key: ConnKey, hdr: &PacketHeader) {
-        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+        if self.connection_slots() >= MAX_CONNECTIONS {
             self.counters.guest_connect_failures += 1;
             self.queue_reset(hdr.reply(Op::Rst));
             return;
         }
         let mut path = OsString::from(self.uds_path.as_os_str());
         path.push(format!("_{}", key.local_port));
-        // A Unix connect only blocks while the listener's backlog is full; the host side is
-        // the VM's owner, and a wedged listener stalls only this VM's device thread.
-        let stream = UnixStream::connect(&path).and_then(|s| {
-            s.set_nonblocking(true)?;
-            Ok(s)
-        });
+        let stream = connect_nonblocking(std::path::Path::new(&path));
         let stream = match stream.and_then(|s| self.watch(s.as_raw_fd()).map(|()| s)) {
             Ok(s) => s,
             Err(_) => {
@@ -531,7 +591,7 @@ impl Muxer {
     pub fn fill_rx(&mut self, buf: &mut dyn WritePacket) -> RxFill {
         let room = buf.available();
         loop {
-            if self.resets.is_empty() && self.ready.is_empty() {
+            if !self.has_rx() {
                 return RxFill::Nothing;
             }
             if room < HEADER_LEN {
@@ -539,7 +599,11 @@ impl Muxer {
                     .record(&self.log_name, &PacketError::RxBufferTooSmall(room));
                 return RxFill::Used(0);
             }
-            if let Some(rst) = self.resets.pop_front() {
+            if let Some(rst) = self
+                .conn_resets
+                .pop_front()
+                .or_else(|| self.resets.pop_front())
+            {
                 self.counters.resets_sent += 1;
                 return write_packet(buf, &rst, &[]);
             }
@@ -615,8 +679,12 @@ impl Muxer {
         for key in expired {
             self.apply(key, Verdict::Reset);
         }
-        let waiting =
-            !self.handshakes.is_empty() || self.conns.values().any(|c| c.deadline().is_some());
+        if self.listener_paused {
+            self.resume_listener();
+        }
+        let waiting = self.listener_paused
+            || !self.handshakes.is_empty()
+            || self.conns.values().any(|c| c.deadline().is_some());
         if !waiting && self.sweep_armed {
             let _ = self.sweep_timer.clear();
             self.sweep_armed = false;
@@ -639,6 +707,16 @@ impl Muxer {
             self.sweep_armed = true;
         }
     }
+}
+
+/// Connects to the Unix socket at `path` without ever blocking: a listener whose backlog is
+/// full fails with `WouldBlock` at once instead of stalling the device thread (which serves
+/// every device of the VM).
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// Reads the rest of a client's `CONNECT <port>\n` line, one byte at a time so that nothing

@@ -429,3 +429,116 @@ fn header_only_rx_buffers_never_fake_an_eof() {
     );
     assert_eq!(rw.src_port, req.src_port);
 }
+
+#[test]
+fn a_full_host_backlog_refuses_at_once_instead_of_blocking() {
+    let mut f = fixture("backlog");
+    let mut port_path = f.path.clone().into_os_string();
+    port_path.push("_77");
+    let listener =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&socket2::SockAddr::unix(&port_path).unwrap())
+        .unwrap();
+    listener.listen(0).unwrap();
+    // Fill the backlog with clients nobody accepts.
+    let mut fillers = Vec::new();
+    loop {
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        if s.connect(&socket2::SockAddr::unix(&port_path).unwrap())
+            .is_err()
+        {
+            break;
+        }
+        fillers.push(s);
+        assert!(fillers.len() < 64, "the backlog never filled");
+    }
+    let start = Instant::now();
+    send(&mut f.muxer, header(Op::Request, 9, 77, 0), &[]);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the connect blocked"
+    );
+    let (rst, _) = recv(&mut f.muxer).unwrap();
+    assert_eq!((rst.op, rst.dst_port), (Op::Rst, 9));
+    assert_eq!(f.muxer.counters().guest_connect_failures, 1);
+}
+
+#[test]
+fn connection_churn_without_rx_buffers_leaves_no_stale_work() {
+    let mut f = fixture("churn");
+    let mut port_path = f.path.clone().into_os_string();
+    port_path.push("_88");
+    let listener = UnixListener::bind(&port_path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    for _ in 0..2000 {
+        send(&mut f.muxer, header(Op::Request, 9, 88, 0), &[]);
+        send(&mut f.muxer, header(Op::Rst, 9, 88, 0), &[]);
+        while listener.accept().is_ok() {}
+    }
+    assert_eq!(f.muxer.connection_count(), 0);
+    assert!(!f.muxer.has_rx(), "nothing is left to send");
+}
+
+#[test]
+fn a_client_half_close_before_the_guest_answers_is_not_a_reset() {
+    let mut f = fixture("half-close");
+    let mut client = UnixStream::connect(&f.path).unwrap();
+    client.write_all(b"CONNECT 52\nrequest").unwrap();
+    pump(&mut f.muxer);
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    pump(&mut f.muxer);
+    let (req, _) = recv(&mut f.muxer).unwrap();
+    assert_eq!(req.op, Op::Request);
+    send(&mut f.muxer, header(Op::Response, 52, req.src_port, 0), &[]);
+    let mut line = [0u8; 32];
+    let n = client.read(&mut line).unwrap();
+    assert!(line[..n].starts_with(b"OK "));
+    // The bytes, then the half-close as SHUTDOWN(SEND).
+    let (rw, data) = recv(&mut f.muxer).unwrap();
+    assert_eq!((rw.op, data.as_slice()), (Op::Rw, &b"request"[..]));
+    let (shut, _) = recv(&mut f.muxer).unwrap();
+    assert_eq!((shut.op, shut.flags), (Op::Shutdown, SHUTDOWN_SEND));
+    // The guest can still answer.
+    send(&mut f.muxer, header(Op::Rw, 52, req.src_port, 5), b"reply");
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"reply");
+}
+
+#[test]
+fn silent_host_clients_cannot_starve_guest_connections() {
+    let mut f = fixture("handshake-cap");
+    let mut silent = Vec::new();
+    for _ in 0..MAX_HANDSHAKES + 5 {
+        silent.push(UnixStream::connect(&f.path).unwrap());
+    }
+    pump(&mut f.muxer);
+    assert_eq!(f.muxer.counters().host_connect_failures, 5);
+    let mut port_path = f.path.clone().into_os_string();
+    port_path.push("_99");
+    let _listener = UnixListener::bind(&port_path).unwrap();
+    send(&mut f.muxer, header(Op::Request, 9, 99, 0), &[]);
+    assert_eq!(recv(&mut f.muxer).unwrap().0.op, Op::Response);
+}
+
+#[test]
+fn a_connection_reset_is_never_dropped() {
+    let mut f = fixture("conn-rst");
+    let (_client, req) = host_connect(&mut f, 52);
+    // Fill the stray-RST queue.
+    for port in 0..MAX_PENDING_RESETS as u32 + 10 {
+        send(&mut f.muxer, header(Op::Rw, port + 10_000, 1, 0), &[]);
+    }
+    // A packet past the connection's credit resets it; its RST still goes out, first.
+    let big = vec![0u8; 1024];
+    let mut hdr = header(Op::Rw, 52, req.src_port, big.len() as u32);
+    hdr.op = Op::Response;
+    send(&mut f.muxer, hdr, &big);
+    let (rst, _) = recv(&mut f.muxer).unwrap();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (Op::Rst, req.src_port, 52)
+    );
+}
