@@ -453,3 +453,34 @@ fn log_and_metrics_flags() {
     assert_eq!(out.code(), 2, "{out:?}");
     assert!(out.stderr.contains("unknown level"), "{out:?}");
 }
+
+/// The console file is never opened through a symlink (it would be truncated and written).
+#[test]
+fn a_console_path_that_is_a_symlink_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("console-link");
+    let kernel = write_file(&dir, "hello.elf", &hello_elf());
+    let target = dir.join("victim.txt");
+    std::fs::write(&target, b"keep me").unwrap();
+    let link = dir.join("console.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let console = format!("file:{}", link.display());
+    let out = run_kiln(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem-mib",
+            "16",
+            "--console",
+            &console,
+        ],
+        DEADLINE,
+    );
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,7 +13,7 @@ use crate::arch::x86_64::layout::low_ram_end;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::pvh;
 use crate::arch::x86_64::regs::EntryPoint;
-use crate::config::VmConfig;
+use crate::config::{ConsoleConfig, VmConfig};
 use crate::device_manager::{self, DeviceError, DeviceManager, VirtioSlot};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host_quirks::HostQuirks;
@@ -43,7 +43,7 @@ pub enum BuildError {
     #[error("writing the PVH start info: {0}")]
     Pvh(#[source] vm_memory::GuestMemoryError),
     /// The console sink.
-    #[error("console {path}: {source}")]
+    #[error("console file {path}: {source}")]
     Console {
         path: String,
         #[source]
@@ -197,7 +197,10 @@ pub fn build_microvm(
         .console
         .open()
         .map_err(|source| BuildError::Console {
-            path: format!("{:?}", config.console),
+            path: match &config.console {
+                ConsoleConfig::File(path) => path.display().to_string(),
+                other => format!("{other:?}"),
+            },
             source,
         })?;
     let mut devices = DeviceManager::new(&vm, console_out)?;

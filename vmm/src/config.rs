@@ -51,13 +51,23 @@ impl ConsoleConfig {
         Ok(match self {
             Self::Stdout => Box::new(std::io::stdout()),
             Self::None => Box::new(std::io::sink()),
+            // Owner-only, and never through a symlink: a path an attacker can pre-create must
+            // not make Kiln write (or truncate) another file.
             Self::File(path) => Box::new(
                 OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .mode(0o600)
-                    .open(path)?,
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(path)
+                    .map_err(|e| {
+                        if e.raw_os_error() == Some(libc::ELOOP) {
+                            std::io::Error::new(e.kind(), "it is a symbolic link")
+                        } else {
+                            e
+                        }
+                    })?,
             ),
         })
     }
