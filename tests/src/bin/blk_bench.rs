@@ -18,19 +18,17 @@
 //! guest-images/build.sh is run first).
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bench::{clock_ticks_per_second, host_context, CpuSample as Sample, Sampler};
 use kiln_tests::{kiln_bin, scratch_dir, write_script_drive};
 
 /// The modes, in the order the guest runs them (reads after writes: they read written blocks).
 const MODES: [&str; 4] = ["seq-write", "seq-read", "rand-write", "rand-read"];
-/// kiln's device event-loop thread.
-const VMM_THREAD: &str = "kiln_vmm";
 const MEM_MIB: u64 = 256;
 const TOOL: &str = "kiln-blkbench";
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule kiln.script=/dev/vdd";
@@ -89,62 +87,6 @@ fn parse_args() -> Options {
     opts
 }
 
-/// utime + stime, in clock ticks, from a /proc/.../stat file.
-fn cpu_ticks(stat_path: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    // Fields after the command name (which may contain spaces and parentheses) start at field 3,
-    // state; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// The thread of `pid` whose name is `name`.
-fn find_thread(pid: u32, name: &str) -> Option<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|comm| comm.trim_end() == name)
-        })
-        .and_then(|task| task.file_name().to_str()?.parse().ok())
-}
-
-/// CPU time of the event-loop thread and of the whole process, in clock ticks.
-#[derive(Clone, Copy)]
-struct Sample {
-    vmm: u64,
-    process: u64,
-}
-
-struct Sampler {
-    pid: u32,
-    vmm_tid: Option<u32>,
-}
-
-impl Sampler {
-    fn sample(&mut self) -> Result<Sample, String> {
-        let pid = self.pid;
-        let tid = match self.vmm_tid {
-            Some(tid) => tid,
-            None => {
-                let tid = find_thread(pid, VMM_THREAD)
-                    .ok_or_else(|| format!("kiln (pid {pid}) has no thread named {VMM_THREAD}"))?;
-                self.vmm_tid = Some(tid);
-                tid
-            }
-        };
-        let vmm_stat = PathBuf::from(format!("/proc/{pid}/task/{tid}/stat"));
-        let vmm = cpu_ticks(&vmm_stat)
-            .ok_or_else(|| format!("cannot read {} (did the thread exit?)", vmm_stat.display()))?;
-        let process = cpu_ticks(Path::new(&format!("/proc/{pid}/stat")))
-            .ok_or_else(|| format!("cannot read /proc/{pid}/stat"))?;
-        Ok(Sample { vmm, process })
-    }
-}
-
 /// The guest's `KILN-BENCH <mode> key=value...` line.
 struct Figures {
     bytes: u64,
@@ -184,36 +126,6 @@ struct Run {
     status: Option<ExitStatus>,
     timed_out: bool,
     elapsed: Duration,
-}
-
-fn host_context() -> String {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")?
-                .split_once(':')
-                .map(|(_, v)| v.trim())
-        })
-        .unwrap_or("unknown CPU");
-    let cpus = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let module = |m: &str| Path::new(&format!("/sys/module/{m}")).exists();
-    let kvm = if module("kvm_pvm") {
-        "kvm_pvm (nested PVM: guest kernel code runs emulated, so guest figures are far below bare KVM)"
-    } else if module("kvm_intel") {
-        "kvm_intel"
-    } else if module("kvm_amd") {
-        "kvm_amd"
-    } else {
-        "unknown module"
-    };
-    format!("host: Linux {release}, {model}, {cpus} CPUs; /dev/kvm: {kvm}")
 }
 
 fn guest_script(tool_len: usize, mib: u64) -> String {
@@ -268,7 +180,7 @@ fn boot(args: &[String], opts: &Options) -> Run {
         });
     }
 
-    let mut sampler = Sampler { pid, vmm_tid: None };
+    let mut sampler = Sampler::new(pid);
     let mut modes: Vec<ModeRun> = MODES.iter().map(|_| ModeRun::default()).collect();
     let mut problems = Vec::new();
     let mut script_exit = None;
@@ -396,9 +308,7 @@ fn main() {
         CMDLINE.into(),
     ];
 
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    let tck = clock_ticks_per_second();
     println!(
         "blk-bench: {} MiB per mode in 4 KiB O_DIRECT syscalls on vdb (sparse raw file, {} MiB), \
          1 vCPU, {MEM_MIB} MiB",

@@ -1,0 +1,113 @@
+//! What the benchmarks share: CPU time of a running kiln from /proc, and the host they ran on.
+
+use std::path::{Path, PathBuf};
+
+/// kiln's device event-loop thread, which does all the virtio I/O.
+pub const VMM_THREAD: &str = "kiln_vmm";
+
+/// Clock ticks per second, the unit of /proc's utime and stime.
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if tck > 0 {
+        tck as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime, in clock ticks, from a /proc/.../stat file.
+pub fn cpu_ticks(stat_path: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name (which may contain spaces and parentheses) start at field 3,
+    // state; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The thread of `pid` whose name is `name`.
+pub fn find_thread(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .and_then(|task| task.file_name().to_str()?.parse().ok())
+}
+
+/// CPU time of kiln's device event-loop thread and of the whole process, in clock ticks.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    /// The `kiln_vmm` thread.
+    pub vmm: u64,
+    /// Every thread of the process.
+    pub process: u64,
+}
+
+/// Reads a running kiln's CPU time from /proc.
+pub struct Sampler {
+    pid: u32,
+    vmm_tid: Option<u32>,
+}
+
+impl Sampler {
+    /// For the kiln process `pid`.
+    pub fn new(pid: u32) -> Self {
+        Self { pid, vmm_tid: None }
+    }
+
+    /// Utime + stime so far; the `kiln_vmm` thread must exist by now.
+    pub fn sample(&mut self) -> Result<CpuSample, String> {
+        let pid = self.pid;
+        let tid = match self.vmm_tid {
+            Some(tid) => tid,
+            None => {
+                let tid = find_thread(pid, VMM_THREAD)
+                    .ok_or_else(|| format!("kiln (pid {pid}) has no thread named {VMM_THREAD}"))?;
+                self.vmm_tid = Some(tid);
+                tid
+            }
+        };
+        let vmm_stat = PathBuf::from(format!("/proc/{pid}/task/{tid}/stat"));
+        let vmm = cpu_ticks(&vmm_stat)
+            .ok_or_else(|| format!("cannot read {} (did the thread exit?)", vmm_stat.display()))?;
+        let process = cpu_ticks(Path::new(&format!("/proc/{pid}/stat")))
+            .ok_or_else(|| format!("cannot read /proc/{pid}/stat"))?;
+        Ok(CpuSample { vmm, process })
+    }
+}
+
+/// One line saying what the figures were measured on (kernel, CPU, which KVM).
+pub fn host_context() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim())
+        })
+        .unwrap_or("unknown CPU");
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let module = |m: &str| Path::new(&format!("/sys/module/{m}")).exists();
+    let kvm = if module("kvm_pvm") {
+        "kvm_pvm (nested PVM: guest kernel code runs emulated, so guest figures are far below bare KVM)"
+    } else if module("kvm_intel") {
+        "kvm_intel"
+    } else if module("kvm_amd") {
+        "kvm_amd"
+    } else {
+        "unknown module"
+    };
+    format!("host: Linux {release}, {model}, {cpus} CPUs; /dev/kvm: {kvm}")
+}
