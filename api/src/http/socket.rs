@@ -17,40 +17,38 @@ const BIND_UMASK: libc::mode_t = 0o177;
 /// another one set.
 static UMASK_LOCK: Mutex<()> = Mutex::new(());
 
-/// Why the API socket could not be created.
+/// Why a private socket (the API's, the vsock device's) could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("API socket {path}: is a symbolic link; refusing to follow it (remove it or choose another path)")]
+    #[error(
+        "{path}: is a symbolic link; refusing to follow it (remove it or choose another path)"
+    )]
     Symlink { path: PathBuf },
-    #[error(
-        "API socket {path}: exists and is {kind}, not a socket; remove it or choose another path"
-    )]
+    #[error("{path}: exists and is {kind}, not a socket; remove it or choose another path")]
     NotASocket { path: PathBuf, kind: &'static str },
-    #[error(
-        "API socket {path}: another process is listening on it; stop it or choose another path"
-    )]
+    #[error("{path}: another process is listening on it; stop it or choose another path")]
     InUse { path: PathBuf },
-    #[error("API socket {path}: replaced by another file right after it was bound; check who writes to its directory")]
+    #[error("{path}: replaced by another file right after it was bound; check who writes to its directory")]
     Replaced { path: PathBuf },
-    #[error("API socket {path}: cannot inspect it: {source}")]
+    #[error("{path}: cannot inspect it: {source}")]
     Inspect {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("API socket {path}: cannot remove the stale socket: {source}")]
+    #[error("{path}: cannot remove the stale socket: {source}")]
     RemoveStale {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("API socket {path}: cannot bind: {source}")]
+    #[error("{path}: cannot bind: {source}")]
     Bind {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("API socket {path}: cannot make it owner-only (0600): {source}")]
+    #[error("{path}: cannot make it owner-only (0600): {source}")]
     SetMode {
         path: PathBuf,
         #[source]
@@ -58,7 +56,7 @@ pub enum BindError {
     },
 }
 
-/// Creates the API socket at `path`, mode 0600.
+/// Creates a private Unix socket (the API's, the vsock device's) at `path`, mode 0600.
 ///
 /// A socket file left by an earlier run is replaced, unless a process still listens on it; a
 /// symlink, regular file, directory or other file at `path` is refused. The socket is bound under
@@ -292,8 +290,6 @@ mod tests {
             path: PathBuf::from("/run/kiln.sock"),
             kind: "a regular file",
         };
-        assert!(error
-            .to_string()
-            .starts_with("API socket /run/kiln.sock: exists"));
+        assert!(error.to_string().starts_with("/run/kiln.sock: exists"));
     }
 }
