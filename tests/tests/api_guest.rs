@@ -94,6 +94,30 @@ fn vsock_round_trip(uds: &Path) -> String {
     reply
 }
 
+/// Creates a FIFO at `path` and reads it line by line on a thread, as Kata does with the log
+/// and metrics FIFOs it gives Firecracker.
+fn drain_fifo(path: &Path) -> mpsc::Receiver<String> {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+    let (tx, rx) = mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        // Blocks until kiln opens the FIFO for writing.
+        let Ok(fifo) = std::fs::File::open(&path) else {
+            return;
+        };
+        for line in BufReader::new(fifo).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// The value of the console line `KILN-T <key> <value>`.
 fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
     console.lines().find_map(|line| {
@@ -184,6 +208,19 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     });
     wait_for_socket(&sock, Duration::from_secs(30));
 
+    // Kata sends the log and the metrics to FIFOs it reads, before anything else.
+    let log_fifo = dir.join("log.fifo");
+    let metrics_fifo = dir.join("metrics.fifo");
+    let log_lines = drain_fifo(&log_fifo);
+    let metrics_lines = drain_fifo(&metrics_fifo);
+    let logger = format!(
+        r#"{{"log_path":"{}","level":"Info","show_level":true,"show_log_origin":false}}"#,
+        log_fifo.display()
+    );
+    put(&sock, "PUT", "/logger", &logger);
+    let metrics = format!(r#"{{"metrics_path":"{}"}}"#, metrics_fifo.display());
+    put(&sock, "PUT", "/metrics", &metrics);
+
     // Kata runtime-rs's order: boot source, machine, drives, vsock, network, then start.
     let boot = format!(
         r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 reboot=k panic=1 pci=off nomodule kiln.script=/dev/vdb"}}"#,
@@ -273,6 +310,46 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         &sock,
         "PUT",
         "/actions",
+        r#"{"action_type":"FlushMetrics"}"#,
+    );
+    // Lines hold what happened since the previous one (a periodic flush may have come first):
+    // sum them all.
+    let mut lines: Vec<serde_json::Value> = vec![serde_json::from_str(
+        &metrics_lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a metrics line on the FIFO"),
+    )
+    .expect("metrics JSON")];
+    std::thread::sleep(Duration::from_millis(500));
+    for line in metrics_lines.try_iter() {
+        lines.push(serde_json::from_str(&line).expect("metrics JSON"));
+    }
+    let last = lines.last().unwrap();
+    for group in [
+        "utc_timestamp_ms",
+        "block_drive1",
+        "net_eth0",
+        "vsock",
+        "entropy",
+        "vcpu",
+    ] {
+        assert!(last.get(group).is_some(), "no {group} in {last}");
+    }
+    let total = |group: &str, field: &str| -> u64 {
+        lines.iter().filter_map(|l| l[group][field].as_u64()).sum()
+    };
+    assert!(
+        total("vsock", "conns_added") >= 1,
+        "vsock round trip not counted: {lines:?}"
+    );
+    assert!(
+        total("block_drive1", "read_bytes") >= 1 << 20,
+        "the guest's read of drive1 not counted: {lines:?}"
+    );
+    put(
+        &sock,
+        "PUT",
+        "/actions",
         r#"{"action_type":"SendCtrlAltDel"}"#,
     );
     let start = Instant::now();
@@ -289,7 +366,15 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let stderr = stderr_thread.join().unwrap_or_default();
     eprintln!("kiln stderr:\n{stderr}");
     assert_eq!(status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("the guest rebooted"), "{stderr}");
+    // The log went to the FIFO, with levels, and not to stderr.
+    let logged: Vec<String> = log_lines.try_iter().collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("[INFO") && l.contains("api: PATCH /vm -> 204")),
+        "log FIFO: {logged:#?}"
+    );
+    assert!(!stderr.contains("api: PATCH /vm"), "{stderr}");
     assert!(!sock.exists());
     assert!(!uds.exists(), "the vsock socket is removed on exit");
 
