@@ -13,7 +13,6 @@ use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
     SocketGuard,
 };
-use api::models::FullVmConfiguration;
 use api::routes::parse_request;
 use clap::Parser;
 use devices::legacy::process_cpu_time;
@@ -267,13 +266,7 @@ fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
 fn read_config_file(path: &std::path::Path) -> Result<VmResources, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let config: FullVmConfiguration =
-        serde_json::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
-    config
-        .validate()
-        .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    VmResources::from_full_config(config)
-        .map_err(|e| format!("config file {}: {e}", path.display()))
+    VmResources::from_config_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
 fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {

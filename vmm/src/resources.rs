@@ -92,6 +92,15 @@ impl VmResources {
         Ok(resources)
     }
 
+    /// Reads the text of a `--config-file` (the shape of `GET /vm/config`): JSON into
+    /// [`FullVmConfiguration`], its validation, then [`Self::from_full_config`]. The error is one
+    /// line without the file's name. The `config_file` fuzz target (fuzz/) calls this directly.
+    pub fn from_config_json(text: &str) -> Result<Self, String> {
+        let config: FullVmConfiguration = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Self::from_full_config(config).map_err(|e| e.to_string())
+    }
+
     /// The resources in `GET /vm/config`'s shape.
     pub fn full_config(&self) -> FullVmConfiguration {
         FullVmConfiguration {
