@@ -76,13 +76,27 @@ fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 
 /// Spawns `kiln ARGS` with piped stdout/stderr and no stdin.
 pub fn spawn_kiln(args: &[&str]) -> Child {
-    Command::new(kiln_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kiln")
+    let mut cmd = Command::new(kiln_bin());
+    cmd.args(args);
+    spawn_piped(cmd)
+}
+
+/// Makes the process `cmd` starts get SIGKILL when the thread that starts it ends, so a test
+/// that panics (its thread ends) leaves no kiln behind to spin a guest forever and starve the
+/// tests after it. Survives the `exec` of `ip netns exec`.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
 }
 
 /// Waits for `child` up to `deadline`, killing it then, and collects its output.
@@ -222,9 +236,11 @@ fn run_checked(cmd: &mut Command) {
     );
 }
 
-/// Spawns `cmd` with no stdin and piped stdout/stderr, for [`wait_with_deadline`].
+/// Spawns `cmd` with no stdin and piped stdout/stderr, for [`wait_with_deadline`]; it dies with
+/// the calling test ([`die_with_test`]).
 pub fn spawn_piped(mut cmd: Command) -> Child {
-    cmd.stdin(Stdio::null())
+    die_with_test(&mut cmd)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -312,4 +328,28 @@ pub fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawned_processes_die_with_the_spawning_thread() {
+        let child = thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("600");
+            spawn_piped(cmd)
+        })
+        .join()
+        .expect("spawning thread");
+        // The thread is gone: the child gets SIGKILL.
+        let out = wait_with_deadline(child, Duration::from_secs(10));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.and_then(|s| s.signal()),
+            Some(libc::SIGKILL),
+            "{out:?}"
+        );
+    }
 }

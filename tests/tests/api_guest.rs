@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line};
 use kiln_tests::{
-    api_call as call, kiln_bin, kvm_available, scratch_dir, sha256_file, spawn_piped,
-    wait_for_socket, wait_with_deadline, write_script_drive, NetNs,
+    api_call as call, die_with_test, kiln_bin, kvm_available, scratch_dir, sha256_file,
+    spawn_piped, wait_for_socket, wait_with_deadline, write_script_drive, NetNs,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -187,7 +187,8 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         "--id",
         "kata_sandbox",
     ]);
-    cmd.stdin(Stdio::null())
+    die_with_test(&mut cmd)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn kiln");
