@@ -81,6 +81,15 @@ pub fn spawn_kiln(args: &[&str]) -> Child {
     spawn_piped(cmd)
 }
 
+/// Sends `signal` (`kill`'s spelling: `-TERM`, `-USR1`) to `child`.
+pub fn send_signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal} {}", child.id());
+}
+
 /// Makes the process `cmd` starts get SIGKILL when the thread that starts it ends, so a test
 /// that panics (its thread ends) leaves no kiln behind to spin a guest forever and starve the
 /// tests after it. Survives the `exec` of `ip netns exec`.

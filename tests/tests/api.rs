@@ -5,8 +5,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use kiln_tests::{
-    api_call as call, hello_elf, kvm_available, metrics_lines, scratch_dir, spawn_kiln, tiny_elf,
-    wait_for_socket, wait_with_deadline, write_file, TINY_LOAD_ADDR,
+    api_call as call, hello_elf, kvm_available, metrics_lines, scratch_dir, send_signal,
+    spawn_kiln, tiny_elf, wait_for_socket, wait_with_deadline, write_file, TINY_LOAD_ADDR,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -129,11 +129,7 @@ fn configure_start_pause_resume_and_stop_through_the_socket() {
     let (status, body) = call(&sock, "PUT", "/actions", flush);
     assert_eq!(status, 204, "{body}");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(&child, "-TERM");
     let out = wait_with_deadline(child, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "{out:?}");
     assert!(
@@ -187,11 +183,7 @@ fn a_stop_signal_before_start_removes_the_socket() {
     let child = spawn_kiln(&["--api-sock", sock.to_str().unwrap()]);
     wait_for_socket(&sock, DEADLINE);
     assert_eq!(call(&sock, "GET", "/", "").0, 200);
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(&child, "-TERM");
     let out = wait_with_deadline(child, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "{out:?}");
     assert!(!sock.exists(), "the socket is removed on exit");
@@ -305,11 +297,7 @@ fn logger_and_metrics_through_the_socket() {
             > 0
     );
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(&child, "-TERM");
     let out = wait_with_deadline(child, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "{out:?}");
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kiln_tests::{
-    hello_elf, kvm_available, metrics_lines, run_kiln, scratch_dir, spawn_kiln, tiny_elf,
-    wait_with_deadline, write_file, TINY_LOAD_ADDR,
+    hello_elf, kvm_available, metrics_lines, run_kiln, scratch_dir, send_signal, spawn_kiln,
+    tiny_elf, wait_with_deadline, write_file, TINY_LOAD_ADDR,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -97,17 +97,10 @@ fn sigterm_stops_a_spinning_guest() {
     let dir = scratch_dir("spin");
     let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
     let child = spawn_kiln(&["run", "--kernel", &kernel, "--mem-mib", "16"]);
-    let signal = |name: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([name, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill {name}");
-    };
     std::thread::sleep(Duration::from_millis(500));
-    signal("-USR1");
+    send_signal(&child, "-USR1");
     std::thread::sleep(Duration::from_millis(500));
-    signal("-TERM");
+    send_signal(&child, "-TERM");
     let out = wait_with_deadline(child, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "{out:?}");
     assert!(
@@ -288,11 +281,7 @@ fn a_drive_in_use_is_refused() {
             "{second:?}"
         );
     }
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send_signal(&first, "-TERM");
     let out = wait_with_deadline(first, DEADLINE);
     assert_eq!(out.code(), 128 + 15, "the first VM ran on: {out:?}");
 }
