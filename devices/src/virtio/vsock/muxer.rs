@@ -443,9 +443,6 @@ impl Muxer {
             }
             Verdict::Reset => {
                 if let Some(mut conn) = self.remove(key) {
-                    if matches!(conn.state(), State::LocalInit { .. }) {
-                        self.counters.host_connect_failures += 1;
-                    }
                     // A guest that never got the REQUEST has nothing to tear down.
                     if conn.guest_knows() {
                         let hdr = conn.header(self.guest_cid, HOST_CID, Op::Rst, 0, 0);
@@ -454,17 +451,18 @@ impl Muxer {
                 }
             }
             Verdict::Drop => {
-                if let Some(conn) = self.remove(key) {
-                    if matches!(conn.state(), State::LocalInit { .. }) {
-                        self.counters.host_connect_failures += 1;
-                    }
-                }
+                self.remove(key);
             }
         }
     }
 
+    /// Forgets the connection and closes its host stream; one ended before the guest accepted
+    /// it counts as a failed host connect.
     fn remove(&mut self, key: ConnKey) -> Option<Connection> {
         let conn = self.conns.remove(&key)?;
+        if matches!(conn.state(), State::LocalInit { .. }) {
+            self.counters.host_connect_failures += 1;
+        }
         let fd = conn.stream().as_raw_fd();
         self.by_fd.remove(&fd);
         self.unwatch(fd);
