@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConsoleConfig;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
+use crate::seccomp::SeccompFilters;
 
 /// Kiln: a KVM microVM monitor.
 ///
@@ -52,6 +53,32 @@ pub struct ProcessArgs {
     /// Logging, metrics and the boot timer.
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
+}
+
+/// Firecracker's seccomp flags (both modes take them).
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+pub struct SeccompArgs {
+    /// Install no seccomp filters (every thread may make every system call).
+    #[arg(long = "no-seccomp", conflicts_with = "seccomp_filter")]
+    pub no_seccomp: bool,
+    /// Replace Kiln's seccomp filters with this file: seccompiler JSON defining the thread kinds
+    /// "api", "vmm" and "vcpu" (Kiln's own are in vmm/src/seccomp/x86_64.json).
+    #[arg(long = "seccomp-filter", value_name = "PATH")]
+    pub seccomp_filter: Option<PathBuf>,
+}
+
+impl SeccompArgs {
+    /// The filters the flags ask for.
+    pub fn filters(&self) -> Result<SeccompFilters, crate::seccomp::Error> {
+        match (&self.seccomp_filter, self.no_seccomp) {
+            (_, true) => Ok(SeccompFilters::disabled()),
+            (Some(path), false) => SeccompFilters::from_file(path),
+            (None, false) => SeccompFilters::kiln_default(),
+        }
+    }
 }
 
 /// Firecracker's logging, metrics and boot-timer flags (both modes take them).
@@ -143,6 +170,9 @@ pub struct RunArgs {
     /// Logging, metrics and the boot timer.
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
     /// A virtio block device (repeatable; the guest sees them as vda, vdb... with the root drive
     /// first): path=FILE[,id=ID][,ro][,root][,bw_size=B,bw_refill_time=MS,ops_size=N,...].
     #[arg(long = "drive", value_name = "OPTS")]
@@ -170,7 +200,7 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))?;
         match cli.command {
             Some(Command::Run(run)) => Ok(run),
-            None => panic!("no subcommand in {args:?}"),
+            other => panic!("not `kiln run` in {args:?}: {other:?}"),
         }
     }
 

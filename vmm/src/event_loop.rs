@@ -4,13 +4,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device_manager::SharedSubscriber;
 use crate::metrics::{PeriodicFlush, FLUSH_PERIOD, METRICS};
+use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
 
 /// Errors in creating the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -85,26 +86,25 @@ impl EventLoop {
         })
     }
 
-    /// Runs the loop on its own thread until stopped; `on_error` is called (on that thread) if
-    /// epoll itself fails, which ends the loop.
+    /// Runs the loop on its own thread, confined by the `vmm` filter of `filters`, until stopped;
+    /// `on_error` is called (on that thread) if epoll itself fails, which ends the loop.
     pub fn spawn(
         mut self,
+        filters: &Arc<SeccompFilters>,
         on_error: impl FnOnce(event_manager::Error) + Send + 'static,
     ) -> std::io::Result<RunningEventLoop> {
         let stop_evt = self.stop_evt.try_clone()?;
-        let thread = thread::Builder::new()
-            .name("kiln_vmm".into())
-            .spawn(move || {
-                while !self.stopped.load(Ordering::Acquire) {
-                    match self.manager.run() {
-                        Ok(dispatched) => METRICS.vmm.device_events.add(dispatched as u64),
-                        Err(e) => {
-                            on_error(e);
-                            return;
-                        }
+        let thread = spawn_filtered("kiln_vmm", filters, ThreadKind::Vmm, move || {
+            while !self.stopped.load(Ordering::Acquire) {
+                match self.manager.run() {
+                    Ok(dispatched) => METRICS.vmm.device_events.add(dispatched as u64),
+                    Err(e) => {
+                        on_error(e);
+                        return;
                     }
                 }
-            })?;
+            }
+        })?;
         Ok(RunningEventLoop { stop_evt, thread })
     }
 }
@@ -149,7 +149,10 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: tx,
         }));
-        let running = EventLoop::new(&[counter]).unwrap().spawn(|_| {}).unwrap();
+        let running = EventLoop::new(&[counter])
+            .unwrap()
+            .spawn(&Arc::new(SeccompFilters::disabled()), |_| {})
+            .unwrap();
         evt.write(3).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
         running.stop();

@@ -21,6 +21,7 @@ pub mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod resources;
+pub mod seccomp;
 pub mod vstate;
 
 #[cfg(any(test, feature = "test-support"))]

@@ -3,6 +3,9 @@
 //! Threads: one per vCPU (`kiln_vcpu N`), the device event loop (`kiln_vmm`), one waiting on the
 //! i8042 reset eventfd, one turning signals into events, one feeding stdin to the serial console. They all report to the control
 //! loop in [`MicroVm::run`] over one channel; the control loop alone decides when the VM ends.
+//!
+//! Every thread installs its seccomp filter ([`crate::seccomp`]) as it starts. The vCPU threads
+//! start paused and are released only once every other thread, the main one last, is confined.
 
 use std::io::Read;
 use std::sync::atomic::Ordering;
@@ -22,6 +25,7 @@ use api::routes::ApiRequest;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::EventLoop;
 use crate::metrics::METRICS;
+use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -182,10 +186,16 @@ impl MicroVm {
     }
 
     /// Starts the vCPUs and runs until the guest ends, a vCPU fails or a stop signal arrives.
-    pub fn run(self, forward_stdin: bool) -> std::io::Result<ExitReason> {
+    /// Each thread, this one included, is confined by its kind's filter in `filters` before the
+    /// guest runs.
+    pub fn run(
+        self,
+        forward_stdin: bool,
+        filters: &Arc<SeccompFilters>,
+    ) -> std::io::Result<ExitReason> {
         let (tx, rx) = mpsc::channel();
-        spawn_signal_watcher(tx.clone())?;
-        self.run_with(forward_stdin, tx, rx, &mut |_, _| {
+        spawn_signal_watcher(tx.clone(), filters)?;
+        self.run_with(forward_stdin, filters, tx, rx, &mut |_, _| {
             HttpResponse::fault(400, "there is no API in this mode")
         })
     }
@@ -196,29 +206,44 @@ impl MicroVm {
     pub fn run_with(
         mut self,
         forward_stdin: bool,
+        filters: &Arc<SeccompFilters>,
         tx: Sender<VmmEvent>,
         rx: Receiver<VmmEvent>,
         api: &mut RuntimeApiHandler<'_>,
     ) -> std::io::Result<ExitReason> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
-        self.spawn_reset_watcher(tx.clone())?;
+        self.spawn_reset_watcher(tx.clone(), filters)?;
         if forward_stdin {
-            spawn_stdin_forwarder(self.console())?;
+            spawn_stdin_forwarder(self.console(), filters)?;
         }
         let event_loop = match self.event_loop.take() {
             Some(event_loop) => {
                 let tx = tx.clone();
-                Some(event_loop.spawn(move |e| {
+                Some(event_loop.spawn(filters, move |e| {
                     let _ = tx.send(VmmEvent::EventLoopFailed(e));
                 })?)
             }
             None => None,
         };
+        // The vCPUs start parked: none enters the guest before every thread is confined.
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
-            handles.push(spawn_vcpu(vcpu, tx.clone())?);
+            match spawn_vcpu(vcpu, tx.clone(), filters) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    stop_vcpus(&handles);
+                    return Err(e);
+                }
+            }
         }
         drop(tx);
+        if let Err(e) = filters.install(ThreadKind::Vmm) {
+            stop_vcpus(&handles);
+            return Err(e.into());
+        }
+        for handle in &handles {
+            handle.requests.resume();
+        }
         let mut running = RunningVm {
             handles: &handles,
             devices: &self.devices,
@@ -235,15 +260,17 @@ impl MicroVm {
         Ok(reason)
     }
 
-    fn spawn_reset_watcher(&self, tx: Sender<VmmEvent>) -> std::io::Result<()> {
+    fn spawn_reset_watcher(
+        &self,
+        tx: Sender<VmmEvent>,
+        filters: &Arc<SeccompFilters>,
+    ) -> std::io::Result<()> {
         let reset = self.devices.reset_evt.try_clone()?;
-        thread::Builder::new()
-            .name("kiln_reset".into())
-            .spawn(move || {
-                if reset.read().is_ok() {
-                    let _ = tx.send(VmmEvent::GuestReset);
-                }
-            })?;
+        spawn_filtered("kiln_reset", filters, ThreadKind::Vmm, move || {
+            if reset.read().is_ok() {
+                let _ = tx.send(VmmEvent::GuestReset);
+            }
+        })?;
         Ok(())
     }
 }
@@ -317,13 +344,21 @@ fn stop_vcpus(handles: &[VcpuHandle]) {
     }
 }
 
-fn spawn_vcpu(mut vcpu: Vcpu, tx: Sender<VmmEvent>) -> std::io::Result<VcpuHandle> {
+/// Spawns a vCPU thread, confined and parked: it runs the guest once its requests are resumed.
+fn spawn_vcpu(
+    mut vcpu: Vcpu,
+    tx: Sender<VmmEvent>,
+    filters: &Arc<SeccompFilters>,
+) -> std::io::Result<VcpuHandle> {
     let requests = Arc::new(VcpuRequests::default());
+    requests.pause.store(true, Ordering::Release);
     let thread_requests = requests.clone();
     let index = vcpu.index();
-    let thread = thread::Builder::new()
-        .name(format!("kiln_vcpu {index}"))
-        .spawn(move || {
+    let thread = spawn_filtered(
+        &format!("kiln_vcpu {index}"),
+        filters,
+        ThreadKind::Vcpu,
+        move || {
             let mut detector = StuckDetector::default();
             let result = vcpu.run_until_stop(&thread_requests, |cpu, sample| {
                 if detector.observe(sample, STUCK_SAMPLES) {
@@ -336,49 +371,53 @@ fn spawn_vcpu(mut vcpu: Vcpu, tx: Sender<VmmEvent>) -> std::io::Result<VcpuHandl
                 }
             });
             let _ = tx.send(VmmEvent::VcpuStopped(result));
-        })?;
+        },
+    )?;
     Ok(VcpuHandle { requests, thread })
 }
 
 /// Turns SIGUSR1 (report), SIGINT, SIGTERM and SIGHUP (stop) into control-loop events.
-pub fn spawn_signal_watcher(tx: Sender<VmmEvent>) -> std::io::Result<()> {
+/// The thread is confined by the `vmm` filter.
+pub fn spawn_signal_watcher(
+    tx: Sender<VmmEvent>,
+    filters: &Arc<SeccompFilters>,
+) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGUSR1, SIGINT, SIGTERM, SIGHUP])?;
-    thread::Builder::new()
-        .name("kiln_signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                METRICS.signals.record(signal);
-                if tx.send(VmmEvent::Signal(signal)).is_err() {
-                    return;
-                }
+    spawn_filtered("kiln_signals", filters, ThreadKind::Vmm, move || {
+        for signal in signals.forever() {
+            METRICS.signals.record(signal);
+            if tx.send(VmmEvent::Signal(signal)).is_err() {
+                return;
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
 /// Copies Kiln's stdin into the guest's serial input, waiting while the UART's FIFO is full.
-fn spawn_stdin_forwarder(console: Arc<Mutex<SerialConsole>>) -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("kiln_stdin".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 64];
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                let mut pending = &buf[..n];
-                while !pending.is_empty() {
-                    let taken = match console.lock() {
-                        Ok(mut console) => console.enqueue_input(pending).unwrap_or(0),
-                        Err(_) => return,
-                    };
-                    pending = &pending[taken..];
-                    if taken == 0 {
-                        thread::sleep(Duration::from_millis(10));
-                    }
+fn spawn_stdin_forwarder(
+    console: Arc<Mutex<SerialConsole>>,
+    filters: &Arc<SeccompFilters>,
+) -> std::io::Result<()> {
+    spawn_filtered("kiln_stdin", filters, ThreadKind::Vmm, move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let mut pending = &buf[..n];
+            while !pending.is_empty() {
+                let taken = match console.lock() {
+                    Ok(mut console) => console.enqueue_input(pending).unwrap_or(0),
+                    Err(_) => return,
+                };
+                pending = &pending[taken..];
+                if taken == 0 {
+                    thread::sleep(Duration::from_millis(10));
                 }
             }
-        })?;
+        }
+    })?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
-    SocketGuard,
+    SocketGuard, ThreadSpawner,
 };
 use api::routes::parse_request;
 use clap::Parser;
@@ -25,6 +25,7 @@ use vmm::host_quirks::HostQuirks;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::metrics::METRICS;
 use vmm::resources::VmResources;
+use vmm::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
 use vmm::vstate::vm;
 
 const EXIT_FAILURE: u8 = 1;
@@ -41,7 +42,7 @@ struct Startup {
     cpu: Option<Duration>,
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
@@ -84,7 +85,7 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(line) = quirks.describe() {
         log::info!("{line}");
     }
-    exit_status(microvm.run(forward_stdin))
+    exit_status(microvm.run(forward_stdin, filters))
 }
 
 /// The process's exit status for how the VM ended.
@@ -152,7 +153,7 @@ fn answer(tx: &Sender<VmmEvent>, request: &HttpRequest) -> HttpResponse {
 }
 
 /// Firecracker's process mode: serve the API and/or boot from a config file.
-fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
+fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) -> ExitCode {
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
@@ -177,7 +178,7 @@ fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
     }
     let (tx, rx) = mpsc::channel();
     // From here on a stop signal ends Kiln cleanly (the socket guard removes the socket).
-    if let Err(e) = spawn_signal_watcher(tx.clone()) {
+    if let Err(e) = spawn_signal_watcher(tx.clone(), filters) {
         return fail(EXIT_FAILURE, format!("watching signals: {e}"));
     }
     // Kept to the end: dropping it stops the API thread and removes the socket.
@@ -193,7 +194,12 @@ fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
             max_payload: args.max_payload,
             ..ServerConfig::default()
         };
-        match ApiServer::start(listener, config, api_handler(tx.clone())) {
+        match ApiServer::start_with(
+            listener,
+            config,
+            api_handler(tx.clone()),
+            api_thread(filters),
+        ) {
             Ok(server) => Some((server, guard)),
             Err(e) => return fail(EXIT_FAILURE, format!("starting the API server: {e}")),
         }
@@ -256,10 +262,16 @@ fn serve(args: ProcessArgs, startup: &Startup) -> ExitCode {
     if let Some(line) = quirks.describe() {
         log::info!("{line}");
     }
-    let result = microvm.run_with(false, tx, rx, &mut |request, vm| {
+    let result = microvm.run_with(false, filters, tx, rx, &mut |request, vm| {
         controller.runtime(request, vm)
     });
     exit_status(result)
+}
+
+/// Starts the API thread confined by the `api` filter, before it accepts a connection.
+fn api_thread(filters: &Arc<SeccompFilters>) -> ThreadSpawner {
+    let filters = filters.clone();
+    Box::new(move |name, body| Ok(spawn_filtered(name, &filters, ThreadKind::Api, body)?))
 }
 
 /// Reads a `--config-file` (the shape of GET /vm/config) into resources.
@@ -303,9 +315,17 @@ fn main() -> ExitCode {
     if let Err(e) = configure_observability(observability) {
         return fail(EXIT_BAD_INPUT, e);
     }
+    let seccomp = match &cli.command {
+        Some(Command::Run(args)) => &args.seccomp,
+        None => &cli.process.seccomp,
+    };
+    let filters = match seccomp.filters() {
+        Ok(filters) => Arc::new(filters),
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
     let status = match cli.command {
-        Some(Command::Run(args)) => run(args),
-        None => serve(cli.process, &startup),
+        Some(Command::Run(args)) => run(args, &filters),
+        None => serve(cli.process, &startup, &filters),
     };
     // Firecracker writes the metrics one last time on its way out.
     METRICS.flush_if_configured();

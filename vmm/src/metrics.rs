@@ -978,7 +978,10 @@ mod tests {
         let flusher = PeriodicFlush::new(metrics, Duration::from_millis(20)).unwrap();
         let running = EventLoop::new(&[Arc::new(Mutex::new(flusher))])
             .unwrap()
-            .spawn(|_| {})
+            .spawn(
+                &Arc::new(crate::seccomp::SeccompFilters::disabled()),
+                |_| {},
+            )
             .unwrap();
         let start = std::time::Instant::now();
         while std::fs::read_to_string(&path).unwrap().lines().count() < 3 {

@@ -18,7 +18,9 @@ pub mod socket;
 use std::fmt;
 
 pub use parser::{Parsed, RequestParser, DEFAULT_MAX_PAYLOAD_BYTES, MAX_HEAD_BYTES};
-pub use server::{log_request, serve, ApiServer, RequestHandler, ServerConfig};
+pub use server::{
+    log_request, plain_thread, serve, ApiServer, RequestHandler, ServerConfig, ThreadSpawner,
+};
 pub use socket::{bind_api_socket, BindError, SocketGuard};
 
 /// The interim response sent to a client that asked `Expect: 100-continue` before its body.

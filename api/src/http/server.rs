@@ -83,6 +83,7 @@ pub fn serve(
     config: ServerConfig,
     handler: RequestHandler,
     stop: EventFd,
+    spawn: ThreadSpawner,
 ) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let epoll = Epoll::new()?;
@@ -106,9 +107,17 @@ pub fn serve(
         next_token: FIRST_CONNECTION_TOKEN,
         accept_paused_until: None,
     };
-    thread::Builder::new()
-        .name(API_THREAD_NAME.to_owned())
-        .spawn(move || event_loop.run())
+    spawn(API_THREAD_NAME, Box::new(move || event_loop.run()))
+}
+
+/// Starts a named thread that runs a body. The VMM passes one that confines the thread with its
+/// seccomp filter before the body runs; the error is the caller's to phrase.
+pub type ThreadSpawner =
+    Box<dyn FnOnce(&str, Box<dyn FnOnce() + Send>) -> io::Result<JoinHandle<()>>>;
+
+/// A [`ThreadSpawner`] that starts a plain thread.
+pub fn plain_thread() -> ThreadSpawner {
+    Box::new(|name, body| thread::Builder::new().name(name.to_owned()).spawn(body))
 }
 
 /// A running API server. Dropping it asks the thread to stop without waiting for it;
@@ -125,8 +134,18 @@ impl ApiServer {
         config: ServerConfig,
         handler: RequestHandler,
     ) -> io::Result<ApiServer> {
+        Self::start_with(listener, config, handler, plain_thread())
+    }
+
+    /// Like [`Self::start`], with the thread started by `spawn`.
+    pub fn start_with(
+        listener: UnixListener,
+        config: ServerConfig,
+        handler: RequestHandler,
+        spawn: ThreadSpawner,
+    ) -> io::Result<ApiServer> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let thread = serve(listener, config, handler, stop.try_clone()?)?;
+        let thread = serve(listener, config, handler, stop.try_clone()?, spawn)?;
         Ok(ApiServer {
             stop,
             thread: Some(thread),
