@@ -7,13 +7,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
+use vmm::seccomp::violation_hook::ENV as HOOK;
+
 use kiln_tests::{
     api_call, hello_elf, kiln_bin, kvm_available, scratch_dir, send_signal, spawn_piped,
     wait_for_socket, wait_with_deadline, write_file, Outcome,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const HOOK: &str = "KILN_TEST_SECCOMP_VIOLATION";
 
 fn kiln(args: &[&str], violation: Option<&str>) -> Command {
     let mut cmd = Command::new(kiln_bin());

@@ -308,17 +308,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The only possible failure is another logger installed first, and nothing else installs one.
     let _ = vmm::logger::install();
-    let observability = match &cli.command {
-        Some(Command::Run(args)) => &args.observability,
-        None => &cli.process.observability,
+    // Both modes take the logging, metrics and seccomp flags.
+    let (observability, seccomp) = match &cli.command {
+        Some(Command::Run(args)) => (&args.observability, &args.seccomp),
+        None => (&cli.process.observability, &cli.process.seccomp),
     };
     if let Err(e) = configure_observability(observability) {
         return fail(EXIT_BAD_INPUT, e);
     }
-    let seccomp = match &cli.command {
-        Some(Command::Run(args)) => &args.seccomp,
-        None => &cli.process.seccomp,
-    };
     let filters = match seccomp.filters() {
         Ok(filters) => Arc::new(filters),
         Err(e) => return fail(EXIT_BAD_INPUT, e),
