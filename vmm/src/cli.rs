@@ -143,6 +143,9 @@ fn parse_level(s: &str) -> Result<LogLevel, String> {
 pub enum Command {
     /// Boot a guest kernel and run it until it reboots.
     Run(RunArgs),
+    /// Run kiln jailed (Firecracker's jailer): own mount and PID namespaces, pivot_root into
+    /// <chroot-base-dir>/<exec-file-name>/<id>/root, cgroups, rlimits, --uid/--gid.
+    Jail(crate::jail::JailArgs),
 }
 
 /// `kiln run`'s flags.

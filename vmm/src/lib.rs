@@ -15,6 +15,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod guest_images;
 pub mod host_quirks;
+pub mod jail;
 pub mod loader;
 pub mod logger;
 pub mod machine;

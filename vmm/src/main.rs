@@ -300,18 +300,32 @@ fn configure_observability(args: &ObservabilityArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The two ways Kiln runs a VM (`kiln jail` only wraps one of them).
+enum Mode {
+    /// `kiln run`: boot from flags until the guest reboots.
+    Run(RunArgs),
+    /// Firecracker's process mode: serve the API.
+    Process(ProcessArgs),
+}
+
 fn main() -> ExitCode {
     let startup = Startup {
         wall: Instant::now(),
         cpu: process_cpu_time(),
     };
     let cli = Cli::parse();
+    let mode = match cli.command {
+        // Before the logger, metrics and seccomp: the jailer must start single-threaded.
+        Some(Command::Jail(args)) => return vmm::jail::main(args),
+        Some(Command::Run(args)) => Mode::Run(args),
+        None => Mode::Process(cli.process),
+    };
     // The only possible failure is another logger installed first, and nothing else installs one.
     let _ = vmm::logger::install();
     // Both modes take the logging, metrics and seccomp flags.
-    let (observability, seccomp) = match &cli.command {
-        Some(Command::Run(args)) => (&args.observability, &args.seccomp),
-        None => (&cli.process.observability, &cli.process.seccomp),
+    let (observability, seccomp) = match &mode {
+        Mode::Run(args) => (&args.observability, &args.seccomp),
+        Mode::Process(args) => (&args.observability, &args.seccomp),
     };
     if let Err(e) = configure_observability(observability) {
         return fail(EXIT_BAD_INPUT, e);
@@ -320,9 +334,9 @@ fn main() -> ExitCode {
         Ok(filters) => Arc::new(filters),
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
-    let status = match cli.command {
-        Some(Command::Run(args)) => run(args, &filters),
-        None => serve(cli.process, &startup, &filters),
+    let status = match mode {
+        Mode::Run(args) => run(args, &filters),
+        Mode::Process(args) => serve(args, &startup, &filters),
     };
     // Firecracker writes the metrics one last time on its way out.
     METRICS.flush_if_configured();
