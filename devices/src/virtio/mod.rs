@@ -180,6 +180,29 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 
+/// What a device holds between activation and reset: its queues, the guest memory they live
+/// in, and its interrupt line.
+pub trait ActiveState {
+    /// The device's interrupt line.
+    fn interrupt(&self) -> &Interrupt;
+}
+
+/// Takes a device out of service after its guest broke a ring (rings outside memory, an
+/// impossible index): records `error`, marks the device DEVICE_NEEDS_RESET (which interrupts
+/// the guest) and drops `active`, so nothing more is read from the ring until the driver resets
+/// the device and sets it up again.
+pub fn stop_on_broken_ring<A: ActiveState>(
+    active: &mut Option<A>,
+    errors: &mut guest_errors::GuestErrorLog,
+    device: &str,
+    error: &dyn std::fmt::Display,
+) {
+    errors.record(device, error);
+    if let Some(state) = active.take() {
+        state.interrupt().signal_needs_reset();
+    }
+}
+
 /// A descriptor chain popped from a queue, borrowing guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
@@ -327,7 +350,37 @@ pub(crate) mod test_queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    struct Queues(Arc<Interrupt>);
+
+    impl ActiveState for Queues {
+        fn interrupt(&self) -> &Interrupt {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_broken_ring_stops_the_device_until_reset() {
+        let int = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut active = Some(Queues(int.clone()));
+        let mut errors = guest_errors::GuestErrorLog::default();
+        stop_on_broken_ring(
+            &mut active,
+            &mut errors,
+            "virtio-test",
+            &"avail index jumped",
+        );
+        assert!(active.is_none());
+        assert_eq!(errors.count(), 1);
+        assert!(int.needs_reset());
+        assert_eq!(int.status(), INT_CONFIG);
+        // Already stopped (a second broken queue in the same pass): counted, nothing else.
+        stop_on_broken_ring(&mut active, &mut errors, "virtio-test", &"again");
+        assert_eq!(errors.count(), 2);
+        assert_eq!(int.irqfd().read().unwrap(), 1);
+    }
 
     #[test]
     fn interrupt_status_and_ack() {

@@ -42,6 +42,12 @@ impl ActiveQueue {
     }
 }
 
+impl super::ActiveState for ActiveQueue {
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+}
+
 /// The event-loop side of a one-queue device.
 pub trait SingleQueueDevice {
     /// The device's name in log lines ("virtio-blk").

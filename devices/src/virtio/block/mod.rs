@@ -21,7 +21,8 @@ use self::request::{Request, RequestType, ID_BYTES, MAX_SEGMENTS};
 use super::guest_errors::GuestErrorLog;
 use super::single_queue::ActiveQueue;
 use super::{
-    device_type, drain_queue, features, ActivateError, Chain, ChainOutcome, Interrupt, VirtioDevice,
+    device_type, drain_queue, features, stop_on_broken_ring, ActivateError, Chain, ChainOutcome,
+    Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -235,9 +236,7 @@ impl Block {
             }
             Ok(_) => {}
             Err(e) => {
-                self.errors.record("virtio-blk", &e);
-                active.interrupt.signal_needs_reset();
-                self.active = None;
+                stop_on_broken_ring(&mut self.active, &mut self.errors, "virtio-blk", &e);
             }
         }
     }

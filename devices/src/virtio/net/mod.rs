@@ -38,8 +38,8 @@ use self::rx::RxOutcome;
 pub use self::tap::{tap_offload_flags, Tap, TapError};
 use super::guest_errors::GuestErrorLog;
 use super::{
-    device_type, drain_queue, features, notify_if_needed, ActivateError, ChainOutcome, Interrupt,
-    VirtioDevice, DRAIN_BUDGET,
+    device_type, drain_queue, features, notify_if_needed, stop_on_broken_ring, ActivateError,
+    ActiveState, ChainOutcome, Interrupt, VirtioDevice, DRAIN_BUDGET,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -180,6 +180,12 @@ struct Active {
     interrupt: Arc<Interrupt>,
     rx_queue: Queue,
     tx_queue: Queue,
+}
+
+impl ActiveState for Active {
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
 }
 
 /// The network device.
@@ -368,9 +374,7 @@ impl<B: NetBackend> Net<B> {
             }
             Ok(_) => {}
             Err(e) => {
-                errors.record(log_name, &e);
-                state.interrupt.signal_needs_reset();
-                *active = None;
+                stop_on_broken_ring(active, errors, log_name, &e);
             }
         }
     }
@@ -469,9 +473,7 @@ impl<B: NetBackend> Net<B> {
             notify_if_needed(&mut state.rx_queue, &state.mem, &state.interrupt);
         }
         if let Err(e) = result {
-            errors.record(log_name, &e);
-            state.interrupt.signal_needs_reset();
-            *active = None;
+            stop_on_broken_ring(active, errors, log_name, &e);
         }
     }
 }

@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::guest_errors::GuestErrorLog;
 use super::single_queue::ActiveQueue;
 use super::{
-    device_type, drain_queue, features, ActivateError, ChainOutcome, Interrupt, VirtioDevice,
+    device_type, drain_queue, features, stop_on_broken_ring, ActivateError, ChainOutcome,
+    Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -156,9 +157,7 @@ impl Rng {
             }
             Ok(_) => {}
             Err(e) => {
-                self.errors.record("virtio-rng", &e);
-                active.interrupt.signal_needs_reset();
-                self.active = None;
+                stop_on_broken_ring(&mut self.active, &mut self.errors, "virtio-rng", &e);
             }
         }
     }

@@ -34,8 +34,8 @@ pub use self::muxer::VsockCounters;
 use self::muxer::{Muxer, RxFill};
 use super::guest_errors::GuestErrorLog;
 use super::{
-    device_type, drain_queue, features, notify_if_needed, pop_chain, ActivateError, ChainOutcome,
-    Interrupt, VirtioDevice, DRAIN_BUDGET,
+    device_type, drain_queue, features, notify_if_needed, pop_chain, stop_on_broken_ring,
+    ActivateError, ActiveState, ChainOutcome, Interrupt, VirtioDevice, DRAIN_BUDGET,
 };
 
 /// Index of the receive queue (device → guest).
@@ -88,6 +88,12 @@ struct Active {
     tx_queue: Queue,
     /// Held so the guest's event buffers stay the device's; nothing is ever sent on it.
     _event_queue: Queue,
+}
+
+impl ActiveState for Active {
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
 }
 
 /// The vsock device.
@@ -174,9 +180,7 @@ impl Vsock {
             }
             Ok(_) => {}
             Err(e) => {
-                errors.record(log_name, &QueueError::from(e));
-                state.interrupt.signal_needs_reset();
-                *active = None;
+                stop_on_broken_ring(active, errors, log_name, &QueueError::from(e));
                 // The guest will not reset a device in NEEDS_RESET on its own: end the host
                 // streams now rather than leave them open with no EOF.
                 muxer.reset();
@@ -243,9 +247,7 @@ impl Vsock {
             notify_if_needed(queue, mem, &state.interrupt);
         }
         if let Err(e) = result {
-            errors.record(log_name, &QueueError::from(e));
-            state.interrupt.signal_needs_reset();
-            *active = None;
+            stop_on_broken_ring(active, errors, log_name, &QueueError::from(e));
             muxer.reset();
         }
     }
