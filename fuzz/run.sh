@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds Kiln's cargo-fuzz targets once, then runs each for SECONDS (default 45) on its corpus.
+# Builds Kiln's cargo-fuzz targets once, then runs each for SECONDS (default 60) on its corpus.
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
 #
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-seconds=${1:-45}
+seconds=${1:-60}
 shift || true
 sanitizer=${KILN_FUZZ_SANITIZER:-address}
 # cargo-fuzz passes nightly-only rustc flags (-Zsanitizer, the coverage passes); this lets the
