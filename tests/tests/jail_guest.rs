@@ -24,7 +24,9 @@ use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kiln_tests::{api_call, die_with_test, kiln_bin, kvm_available, write_script_drive, NetNs};
+use kiln_tests::{
+    api_call, die_with_test, kiln_bin, kvm_available, send_signal, write_script_drive, NetNs,
+};
 use vmm::jail::cgroup::{host_mounts, CgroupPlan, CgroupSetting, CgroupVersion};
 
 const UID: u32 = 123456;
@@ -508,11 +510,7 @@ fn jailed_vmm_is_isolated_forwards_sigterm_daemonizes_and_cleans_up() {
     check_isolation(&jail, pid, &[], &leaked);
 
     // SIGTERM to the jailer reaches the VMM (which exits 128+15), then the jail is removed.
-    let sent = Command::new("kill")
-        .args(["-TERM", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    send_signal(&running.child, "-TERM");
     let (status, _, err) = running.finish(Duration::from_secs(30));
     assert_eq!(status.and_then(|s| s.code()), Some(143), "{err}");
     assert!(err.contains("stopped by signal 15"), "{err}");
