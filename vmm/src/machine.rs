@@ -15,7 +15,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use devices::legacy::SerialConsole;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::SIGUSR1;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -25,7 +25,7 @@ use api::routes::ApiRequest;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::EventLoop;
 use crate::metrics::METRICS;
-use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
+use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind, PROCESS_SIGNALS};
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -382,7 +382,7 @@ pub fn spawn_signal_watcher(
     tx: Sender<VmmEvent>,
     filters: &Arc<SeccompFilters>,
 ) -> std::io::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGUSR1, SIGINT, SIGTERM, SIGHUP])?;
+    let mut signals = signal_hook::iterator::Signals::new(PROCESS_SIGNALS)?;
     spawn_filtered("kiln_signals", filters, ThreadKind::Vmm, move || {
         for signal in signals.forever() {
             METRICS.signals.record(signal);

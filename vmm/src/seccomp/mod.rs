@@ -190,8 +190,9 @@ impl SeccompFilters {
 /// The process-directed signals Kiln handles (stop and report). Threads made by
 /// [`spawn_filtered`] block them, so the kernel delivers them to the main thread, whose filter
 /// allows what the handler does (a `sendto` to the `kiln_signals` thread); a vCPU or the API
-/// thread never runs a signal handler it has no allowance for.
-const PROCESS_SIGNALS: [libc::c_int; 4] =
+/// thread never runs a signal handler it has no allowance for. The `kiln_signals` thread watches
+/// exactly these, so the list is kept once, here.
+pub const PROCESS_SIGNALS: [libc::c_int; 4] =
     [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
 fn block_process_signals() -> Result<(), Error> {
