@@ -176,8 +176,16 @@ pub struct JailConfig {
     pub exec_args: Vec<OsString>,
 }
 
-/// Names the jailer itself puts in the jail root.
-pub(super) const RESERVED: [&str; 6] = ["dev", "run", "lib", "lib64", "usr", "sys"];
+/// Names the jailer itself puts in the jail root, besides the exec file and its pid file.
+const RESERVED: [&str; 6] = ["dev", "run", "lib", "lib64", "usr", "sys"];
+
+/// Every name the jailer puts in the jail root for an exec file named `exec_name`: a `--file`
+/// may not take one, and an existing root may not hold one.
+pub(super) fn names_the_jail_makes(exec_name: &str) -> Vec<String> {
+    let mut names = vec![exec_name.to_string(), format!("{exec_name}.pid")];
+    names.extend(RESERVED.map(String::from));
+    names
+}
 
 /// Whether `id` is a valid jail id (Firecracker's rule).
 pub fn valid_id(id: &str) -> bool {
@@ -240,13 +248,11 @@ impl JailArgs {
                 ResourceLimit::NoFile(n) => no_file = n,
             }
         }
+        let taken = names_the_jail_makes(&exec_name);
         let mut files: Vec<BindFile> = Vec::new();
         for file in self.files {
             let bind = validate_file(file)?;
-            let taken = bind.name == exec_name
-                || bind.name == format!("{exec_name}.pid")
-                || RESERVED.contains(&bind.name.as_str());
-            if taken {
+            if taken.contains(&bind.name) {
                 return Err(ArgsError::ReservedName(bind.name));
             }
             if files.iter().any(|f| f.name == bind.name) {

@@ -214,16 +214,8 @@ fn check_existing_root(root: &Path, config: &JailConfig) -> Result<(), PathBuf> 
     if !meta.is_dir() || meta.uid() != 0 {
         return Err(root.to_path_buf());
     }
-    let exec = [
-        config.exec_name.clone(),
-        format!("{}.pid", config.exec_name),
-    ];
-    let names = exec
-        .iter()
-        .map(String::as_str)
-        .chain(super::args::RESERVED)
-        .chain(config.files.iter().map(|f| f.name.as_str()));
-    for name in names {
+    let ours = super::args::names_the_jail_makes(&config.exec_name);
+    for name in ours.iter().chain(config.files.iter().map(|f| &f.name)) {
         let path = root.join(name);
         if path.symlink_metadata().is_ok() {
             return Err(path);
