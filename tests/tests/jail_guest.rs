@@ -444,45 +444,94 @@ fn limits(memory_bytes: u64) -> Vec<String> {
     }
 }
 
-/// The most memory the jail's cgroup (`dirs`) has used so far, and how often it hit the limit.
-fn memory_peak(dirs: &[PathBuf]) -> (u64, u64) {
+/// What a jail's memory cgroup says about itself while it exists.
+#[derive(Clone, Copy, Debug, Default)]
+struct MemorySample {
+    /// The most memory the cgroup has used so far.
+    peak: u64,
+    /// How many of its processes the cgroup's OOM killer has ended (0 where the kernel has no
+    /// such counter).
+    oom_kills: u64,
+}
+
+/// Reads the memory cgroup among `dirs`. The limit-hit counters (v1 `memory.failcnt`, v2
+/// `max` events) are left alone: whether reclaim moves them before the OOM killer acts differs
+/// between our hosts' kernels.
+fn memory_sample(dirs: &[PathBuf]) -> MemorySample {
     let read = |name: &str| {
         std::fs::read_to_string(cgroup_file(dirs, name)?)
             .ok()
             .and_then(|s| s.trim().parse().ok())
     };
+    let keyed = |file: &str, key: &str| {
+        cgroup_file(dirs, file)
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
     match CgroupVersion::detect() {
-        CgroupVersion::V1 => (
-            read("memory.max_usage_in_bytes").unwrap_or(0),
-            read("memory.failcnt").unwrap_or(0),
-        ),
-        CgroupVersion::V2 => {
-            let events = cgroup_file(dirs, "memory.events")
-                .and_then(|f| std::fs::read_to_string(f).ok())
-                .unwrap_or_default();
-            let max_hits = events
-                .lines()
-                .find_map(|l| l.strip_prefix("max "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            (read("memory.peak").unwrap_or(0), max_hits)
-        }
+        CgroupVersion::V1 => MemorySample {
+            peak: read("memory.max_usage_in_bytes").unwrap_or(0),
+            oom_kills: keyed("memory.oom_control", "oom_kill"),
+        },
+        CgroupVersion::V2 => MemorySample {
+            peak: read("memory.peak").unwrap_or(0),
+            oom_kills: keyed("memory.events", "oom_kill"),
+        },
     }
 }
 
-/// Samples the memory peak of the cgroup `dirs` from when they appear until they are gone;
-/// returns the highest sample.
-fn watch_memory(dirs: Vec<PathBuf>) -> JoinHandle<(u64, u64)> {
+/// Samples the memory cgroup among `dirs` from when they appear until they are gone; returns
+/// the highest of each figure seen.
+fn watch_memory(dirs: Vec<PathBuf>) -> JoinHandle<MemorySample> {
     thread::spawn(move || {
         let all_exist = || dirs.iter().all(|d| d.exists());
         wait_until(Duration::from_secs(60), "the jail's cgroups", all_exist);
-        let mut highest = (0, 0);
+        let mut highest = MemorySample::default();
         while all_exist() {
-            highest = highest.max(memory_peak(&dirs));
+            let now = memory_sample(&dirs);
+            highest.peak = highest.peak.max(now.peak);
+            highest.oom_kills = highest.oom_kills.max(now.oom_kills);
             thread::sleep(Duration::from_millis(100));
         }
         highest
     })
+}
+
+/// Checks the kernel log for the memory cgroup OOM kill of `pid` by the cgroup named `id`:
+/// the `oom-kill:` record (constraint `CONSTRAINT_MEMCG`, the OOM'd cgroup and the victim's
+/// both end in `/id`) and the `Memory cgroup out of memory: Killed process` line. A global OOM
+/// (`Out of memory: Killed process`, constraint `CONSTRAINT_NONE`) is not one. Every Linux
+/// since 4.19 writes both lines in this form.
+fn memcg_oom_record(log: &str, pid: u32, id: &str) -> Result<(), String> {
+    let victim = format!(",pid={pid},");
+    let record = log
+        .lines()
+        .filter_map(|l| l.split_once("oom-kill:").map(|(_, r)| r))
+        .find(|r| r.contains(&victim))
+        .ok_or_else(|| format!("no oom-kill record for pid {pid}"))?;
+    let field = |name: &str| {
+        record
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    if field("constraint") != Some("CONSTRAINT_MEMCG") {
+        return Err(format!("not a memory cgroup OOM: {record}"));
+    }
+    let ours = format!("/{id}");
+    for name in ["oom_memcg", "task_memcg"] {
+        if !field(name).is_some_and(|path| path.ends_with(&ours)) {
+            return Err(format!("{name} is not the jail's cgroup {ours}: {record}"));
+        }
+    }
+    let killed = format!("Memory cgroup out of memory: Killed process {pid} (kiln)");
+    if !log.contains(&killed) {
+        return Err(format!("no {killed:?}"));
+    }
+    Ok(())
 }
 
 fn put(sock: &Path, path: &str, body: &str) {
@@ -631,7 +680,7 @@ fn default_guest_boots_in_the_jail_and_the_jail_is_removed() {
     );
     let start = Instant::now();
     let (status, console, err) = running.finish(BOOT_DEADLINE);
-    let (peak, _) = memory.join().unwrap();
+    let peak = memory.join().unwrap().peak;
     eprintln!(
         "jailed boot: {:.1} s after InstanceStart, memory peak {} MiB; stderr:\n{err}",
         start.elapsed().as_secs_f64(),
@@ -706,14 +755,16 @@ echo "KILN-T fill ended"
     let memory = watch_memory(jail.cgroup_dirs.clone());
     let pid = jail.vmm_pid();
     let (status, console, err) = running.finish(BOOT_DEADLINE);
-    let (peak, limit_hits) = memory.join().unwrap();
+    let memory = memory.join().unwrap();
     let filled: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("KILN-T"))
         .collect();
     eprintln!(
-        "memory-hungry guest: limit {MEMORY_LIMIT_MIB} MiB, peak {} MiB, limit hit {limit_hits} times; guest: {filled:?}; stderr:\n{err}",
-        peak >> 20
+        "memory-hungry guest: limit {MEMORY_LIMIT_MIB} MiB, peak {} MiB, cgroup OOM kills seen \
+         {}; guest: {filled:?}; stderr:\n{err}",
+        memory.peak >> 20,
+        memory.oom_kills
     );
     let tail: Vec<&str> = console.lines().rev().take(20).collect();
     assert!(console.contains("KILN-GUEST-INIT-OK"), "{tail:#?}");
@@ -722,16 +773,43 @@ echo "KILN-T fill ended"
     // The OOM killer ended the VMM: SIGKILL, passed on as 128+9.
     assert_eq!(status.and_then(|s| s.code()), Some(137), "{err}\n{tail:#?}");
     assert!(err.contains("killed by SIGKILL"), "{err}");
+    // The guest got as far as the limit and no further.
+    let peak = memory.peak;
     assert!(peak <= limit && peak > limit - (16 << 20), "peak {peak}");
-    assert!(limit_hits > 0);
+    // It was the jail's cgroup that ran out and killed the VMM, not the host. The kernel says
+    // so in its log; its counter is only seen if a sample fell between the kill and the jail
+    // removing the cgroup, so it may read 0 but never counts another kill.
+    assert!(memory.oom_kills <= 1, "{memory:?}");
     let dmesg = Command::new("dmesg").output().expect("dmesg");
-    let dmesg = String::from_utf8_lossy(&dmesg.stdout);
-    assert!(
-        dmesg.contains(&format!("Killed process {pid} (kiln)")),
-        "the kernel log has no OOM kill of {pid}"
-    );
+    if dmesg.status.success() {
+        let log = String::from_utf8_lossy(&dmesg.stdout);
+        if let Err(e) = memcg_oom_record(&log, pid, &jail.id) {
+            let oom_lines: Vec<&str> = log.lines().filter(|l| l.contains("oom")).collect();
+            panic!("{e}; the kernel log's OOM lines: {oom_lines:#?}");
+        }
+    } else {
+        // A host whose kernel log is closed to us: the cgroup's own counter must have seen it.
+        assert_eq!(memory.oom_kills, 1, "no kernel log, and {memory:?}");
+    }
     jail.assert_gone();
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn memcg_oom_record_tells_the_jail_cgroup_oom_from_others() {
+    let ours = "[18167.877431] oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,\
+        mems_allowed=0,oom_memcg=/kiln-jail-test/oom-7,task_memcg=/kiln-jail-test/oom-7,\
+        task=kiln,pid=6795,uid=123\n\
+        [18167.877461] Memory cgroup out of memory: Killed process 6795 (kiln) total-vm:26844kB\n";
+    assert_eq!(memcg_oom_record(ours, 6795, "oom-7"), Ok(()));
+    // Another process, another cgroup, a global OOM, or no kill line: not ours.
+    assert!(memcg_oom_record(ours, 679, "oom-7").is_err());
+    assert!(memcg_oom_record(ours, 6795, "oom-77").is_err());
+    assert!(memcg_oom_record(ours, 6795, "m-7").is_err());
+    let global = ours.replace("CONSTRAINT_MEMCG", "CONSTRAINT_NONE");
+    assert!(memcg_oom_record(&global, 6795, "oom-7").is_err());
+    let unkilled = ours.lines().next().unwrap();
+    assert!(memcg_oom_record(unkilled, 6795, "oom-7").is_err());
 }
 
 /// The memory-hungry guest's limit: above what the VMM uses to boot the guest to its script
