@@ -309,6 +309,7 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
+    vmm::seccomp::keep_allocator_within_filters();
     let startup = Startup {
         wall: Instant::now(),
         cpu: process_cpu_time(),

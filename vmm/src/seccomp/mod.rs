@@ -187,6 +187,29 @@ impl SeccompFilters {
     }
 }
 
+/// Keeps glibc's allocator within the allow lists; call it first thing in `main`, before any
+/// thread starts.
+///
+/// glibc gives a new thread its own arena, and the first time a thread shrinks such an arena it
+/// opens `/proc/sys/vm/overcommit_memory` to choose how. That `openat` is on no thread's list
+/// but the vmm one, so a thread whose heap shrank at the wrong moment — the API thread after a
+/// connection flood, a vCPU after a large MMIO buffer — killed Kiln with SIGSYS. With one arena
+/// every thread allocates from the main heap, which glibc trims with `brk` and `madvise`
+/// (on every list) and never opens a file for. Kiln's threads allocate little once the VM runs
+/// (and each still has its own small-block cache), so sharing the arena costs nothing
+/// measurable, and it keeps the VMM's resident memory down.
+pub fn keep_allocator_within_filters() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes a malloc parameter; no thread is running yet, so no other
+        // allocation is in progress.
+        let set = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        if set != 1 {
+            eprintln!("kiln: mallopt(M_ARENA_MAX, 1) failed: threads may get arenas of their own");
+        }
+    }
+}
+
 /// The process-directed signals Kiln handles (stop and report). Threads made by
 /// [`spawn_filtered`] block them, so the kernel delivers them to the main thread, whose filter
 /// allows what the handler does (a `sendto` to the `kiln_signals` thread); a vCPU or the API

@@ -1,0 +1,471 @@
+//! Kiln under hostile clients and failing outputs, with its seccomp filters on: each error path
+//! (the connection limit, request timeouts, garbage, oversized and vanishing clients, an
+//! exhausted fd table, sinks that are full, closed or unread, signals before the start) ends in
+//! an answer or a documented exit, never in SIGSYS from a call the filters lack.
+//!
+//! `KILN_SECCOMP_LOG=1` runs every Kiln here with the default filters in logging mode (each call
+//! outside a list is allowed and written to the kernel log) and prints what they logged: the way
+//! to find a missing call in one run rather than one SIGSYS at a time.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_tests::{api_call, kiln_bin, scratch_dir, send_signal, wait_for_socket};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Kiln's connection limit (Firecracker has none; its clients see refusals only from the kernel).
+const MAX_CONNECTIONS: usize = 256;
+/// Kiln's per-request timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Kiln serving its API, with the filters on.
+struct Kiln {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Kiln {
+    /// `kiln --api-sock DIR/api.sock EXTRA...`; `nofile` lowers its fd limit, `stderr` is where
+    /// its log goes.
+    fn start(dir: &Path, extra: &[&str], nofile: Option<u64>, stderr: Stdio) -> Kiln {
+        let sock = dir.join("api.sock");
+        let mut cmd = Command::new(kiln_bin());
+        cmd.arg("--api-sock").arg(&sock).args(extra);
+        cmd.args(seccomp_args(dir));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        kiln_tests::die_with_test(&mut cmd);
+        if let Some(limit) = nofile {
+            // SAFETY: runs in the forked child before exec; close_range and setrlimit are
+            // async-signal-safe system calls and read only the local struct.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // The limit is for Kiln's own fds: none inherited from the test runner.
+                    libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0);
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn kiln");
+        wait_for_socket(&sock, DEADLINE);
+        Kiln { child, sock }
+    }
+
+    /// Kiln is still running (not ended by SIGSYS or anything else).
+    fn assert_alive(&mut self, when: &str) {
+        let status = self.child.try_wait().expect("try_wait");
+        assert!(
+            status.is_none(),
+            "{when}: Kiln ended with {status:?} (signal {:?}){}",
+            status.and_then(|s| s.signal()),
+            seccomp_log(self.child.id())
+        );
+    }
+
+    /// `GET /` answers 200.
+    fn assert_serving(&mut self, when: &str) {
+        self.assert_alive(when);
+        let (status, body) = api_call(&self.sock, "GET", "/", "");
+        assert_eq!(status, 200, "{when}: {body}");
+    }
+
+    /// SIGTERM, then the documented exit: 128+15, socket removed.
+    fn stop(mut self) {
+        self.assert_alive("before SIGTERM");
+        send_signal(&self.child, "-TERM");
+        let status = wait_for(&mut self.child);
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+        assert!(!self.sock.exists());
+        report_seccomp_log(self.child.id());
+    }
+}
+
+fn wait_for(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(start.elapsed() < DEADLINE, "Kiln did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn logging_mode() -> bool {
+    std::env::var("KILN_SECCOMP_LOG").is_ok_and(|v| v == "1")
+}
+
+/// The seccomp flags every Kiln here gets: none (the built-in filters, killing) or, in logging
+/// mode, the built-in lists with a logging default action.
+fn seccomp_args(dir: &Path) -> Vec<String> {
+    if !logging_mode() {
+        return Vec::new();
+    }
+    let mut filters: serde_json::Value =
+        serde_json::from_str(vmm::seccomp::DEFAULT_FILTERS_JSON).expect("built-in filters");
+    for kind in ["api", "vmm", "vcpu"] {
+        filters[kind]["default_action"] = "log".into();
+    }
+    let file = dir.join("log-filters.json");
+    std::fs::write(&file, filters.to_string()).expect("write filters");
+    vec!["--seccomp-filter".into(), file.display().to_string()]
+}
+
+/// The kernel's seccomp audit lines for `pid`, for a failure message.
+fn seccomp_log(pid: u32) -> String {
+    let out = Command::new("dmesg").output().map(|o| o.stdout);
+    let text = String::from_utf8_lossy(out.as_deref().unwrap_or_default()).into_owned();
+    let pid = format!(" pid={pid} ");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("type=1326") && l.contains(&pid))
+        .collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; seccomp audit: {lines:#?}")
+    }
+}
+
+fn report_seccomp_log(pid: u32) {
+    if logging_mode() {
+        eprintln!("seccomp logging mode, pid {pid}{}", seccomp_log(pid));
+    }
+}
+
+fn connect(sock: &Path) -> UnixStream {
+    let stream = UnixStream::connect(sock).expect("connect");
+    stream
+        .set_read_timeout(Some(REQUEST_TIMEOUT + DEADLINE))
+        .expect("timeout");
+    stream
+}
+
+/// Everything the server sends until it closes (or the read times out).
+fn read_all(stream: &mut UnixStream) -> String {
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn status_of(reply: &str) -> Option<u16> {
+    reply
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+}
+
+/// How each misbehaving client talks.
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    /// Half a request head, then silence.
+    Slow,
+    /// Bytes that are not HTTP.
+    Garbage,
+    /// A head that never ends.
+    OversizedHead,
+    /// A body far over the payload limit.
+    OversizedBody,
+    /// Half a request, then its write side shut.
+    HalfClosed,
+    /// Half a request, then gone.
+    Vanishing,
+}
+
+impl Client {
+    const ALL: [Client; 6] = [
+        Client::Slow,
+        Client::Garbage,
+        Client::OversizedHead,
+        Client::OversizedBody,
+        Client::HalfClosed,
+        Client::Vanishing,
+    ];
+
+    /// Connects and misbehaves; returns the stream if an answer is to be read from it.
+    fn run(&self, sock: &Path) -> Option<UnixStream> {
+        let mut stream = connect(sock);
+        // The server may answer and close before the client is done sending: ignore EPIPE.
+        let mut send = |bytes: &[u8]| {
+            let _ = stream.write_all(bytes);
+        };
+        match *self {
+            Client::Slow => send(b"PUT /machine-config HTTP/1.1\r\nContent-Le"),
+            Client::Garbage => send(b"\x00\xff\x16\x03\x01 not http at all\r\n\r\n"),
+            Client::OversizedHead => {
+                send(b"GET / HTTP/1.1\r\n");
+                send(&b"X-Filler: yes\r\n".repeat(8 << 10));
+            }
+            Client::OversizedBody => {
+                send(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 104857600\r\n\r\n");
+                send(&[b'{'; 1 << 20]);
+            }
+            Client::HalfClosed => {
+                send(b"GET / HTTP/1.1\r\nHo");
+                let _ = stream.shutdown(Shutdown::Write);
+            }
+            Client::Vanishing => {
+                send(b"GET / HTTP/1.1\r\nHo");
+                return None;
+            }
+        }
+        Some(stream)
+    }
+
+    /// Whether `reply` is the refusal this client should get.
+    fn refused_rightly(&self, reply: &str) -> bool {
+        let status = status_of(reply);
+        match *self {
+            Client::Slow => status == Some(408),
+            Client::Vanishing => true,
+            _ => status.is_some_and(|s| (400..500).contains(&s)),
+        }
+    }
+}
+
+/// The two half requests of the flood that once killed Kiln (glibc's allocator, trimming the API
+/// thread's heap when the flood left, made a call the API filter lacked).
+const HALF_REQUESTS: [&[u8]; 2] = [
+    b"GET / HTTP/1.1\r\nHo",
+    b"PUT /machine-config HTTP/1.1\r\nContent-Le",
+];
+
+#[test]
+fn a_flood_past_the_connection_limit_is_refused_and_kiln_serves_once_it_is_gone() {
+    let dir = scratch_dir("faults-flood");
+    let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+    // A few slow clients that stay for the whole test: their requests time out with 408.
+    let started = Instant::now();
+    let slow: Vec<UnixStream> = (0..8)
+        .filter_map(|_| Client::Slow.run(&kiln.sock))
+        .collect();
+
+    // Floods of half requests, larger and smaller than the connection table, that leave all at
+    // once: the ones past the limit get 503 at once; Kiln serves after each flood.
+    for flood in [320, 100, 600, MAX_CONNECTIONS + 1] {
+        let mut clients = Vec::new();
+        for i in 0..flood {
+            let Ok(mut stream) = UnixStream::connect(&kiln.sock) else {
+                kiln.assert_alive(&format!("client {i} of a flood of {flood}"));
+                panic!("Kiln runs but refuses client {i} of a flood of {flood}");
+            };
+            let _ = stream.write_all(HALF_REQUESTS[i % 2]);
+            clients.push(stream);
+        }
+        thread::sleep(Duration::from_millis(200));
+        kiln.assert_alive(&format!("a flood of {flood}"));
+        let refused = &mut clients[MAX_CONNECTIONS.min(flood)..];
+        for stream in refused.iter_mut() {
+            let reply = read_all(stream);
+            assert_eq!(status_of(&reply), Some(503), "{reply}");
+            assert!(reply.contains("fault_message"), "{reply}");
+        }
+        drop(clients);
+        thread::sleep(Duration::from_millis(200));
+        kiln.assert_serving(&format!("after a flood of {flood}"));
+    }
+
+    // Every other kind of bad client, many times over and in parallel.
+    let socket = kiln.sock.clone();
+    let bad: Vec<_> = (0..4)
+        .map(|_| {
+            let sock = socket.clone();
+            thread::spawn(move || {
+                for _ in 0..8 {
+                    // (The slow ones are the clients kept from the start.)
+                    for client in &Client::ALL[1..] {
+                        if let Some(mut stream) = client.run(&sock) {
+                            let reply = read_all(&mut stream);
+                            assert!(client.refused_rightly(&reply), "{client:?}: {reply:?}");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in bad {
+        worker.join().expect("a bad client saw a wrong answer");
+    }
+    kiln.assert_alive("after the bad clients");
+
+    for mut stream in slow {
+        let reply = read_all(&mut stream);
+        assert_eq!(status_of(&reply), Some(408), "{reply}");
+    }
+    assert!(started.elapsed() >= REQUEST_TIMEOUT - Duration::from_secs(5));
+    kiln.assert_serving("once the flood is gone");
+    // A whole request over several writes is still served.
+    let mut stream = connect(&kiln.sock);
+    for part in [
+        &b"GET / HT"[..],
+        b"TP/1.1\r\nHost: x\r\nConne",
+        b"ction: close\r\n\r\n",
+    ] {
+        stream.write_all(part).unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_of(&read_all(&mut stream)), Some(200));
+    kiln.stop();
+}
+
+#[test]
+fn accept_failing_for_want_of_fds_pauses_and_kiln_serves_again() {
+    let dir = scratch_dir("faults-emfile");
+    let log = dir.join("kiln.log");
+    std::fs::write(&log, b"").unwrap();
+    // Room for what Kiln opens itself (KVM, epoll, eventfds, the socket, the log) and a few
+    // clients; the rest of the clients find the fd table full.
+    let mut kiln = Kiln::start(
+        &dir,
+        &["--log-path", log.to_str().unwrap()],
+        Some(40),
+        Stdio::null(),
+    );
+    // Kiln itself holds fewer than 40 fds: the clients past that find the table full (they
+    // wait in the socket's backlog, which is larger).
+    let clients: Vec<UnixStream> = (0..100).map(|_| connect(&kiln.sock)).collect();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("api: accept failed")
+    {
+        kiln.assert_alive("with the fd table full");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(start.elapsed() < DEADLINE, "accept never failed: {text}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(300));
+    kiln.assert_alive("with the fd table full");
+    drop(clients);
+    // The backlog's dead connections are accepted and dropped, then a new client is served.
+    let start = Instant::now();
+    loop {
+        let mut stream = connect(&kiln.sock);
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let reply = read_all(&mut stream);
+        if status_of(&reply) == Some(200) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never served again: {reply:?}");
+        kiln.assert_alive("while the table drains");
+        thread::sleep(Duration::from_millis(100));
+    }
+    kiln.stop();
+}
+
+/// Enough API traffic, logged at Debug, to fill a pipe's buffer several times over, plus a
+/// metrics flush (which writes the metrics sink).
+fn busy_api(kiln: &mut Kiln, when: &str) {
+    for i in 0..300 {
+        let (status, _) = api_call(&kiln.sock, "GET", "/machine-config", "");
+        assert_eq!(status, 200, "{when}: request {i}");
+    }
+    let (status, body) = api_call(
+        &kiln.sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"FlushMetrics"}"#,
+    );
+    assert!(status == 204 || status == 400, "{when}: {status} {body}");
+    kiln.assert_serving(when);
+}
+
+#[test]
+fn full_unread_closed_and_removed_sinks_never_stop_kiln() {
+    let dir = scratch_dir("faults-sinks");
+    let debug = ["--level", "Debug"];
+
+    // A full disk: every log line and metrics write fails with ENOSPC.
+    let mut kiln = Kiln::start(
+        &dir,
+        &[
+            &debug[..],
+            &["--log-path", "/dev/full", "--metrics-path", "/dev/full"],
+        ]
+        .concat(),
+        None,
+        Stdio::null(),
+    );
+    busy_api(&mut kiln, "log and metrics on /dev/full");
+    kiln.stop();
+
+    // A FIFO with a reader that never reads: the pipe fills, lines are dropped, Kiln goes on.
+    let fifo = dir.join("log.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO's read end");
+    let mut kiln = Kiln::start(
+        &dir,
+        &[&debug[..], &["--log-path", fifo.to_str().unwrap()]].concat(),
+        None,
+        Stdio::null(),
+    );
+    busy_api(&mut kiln, "log to an unread FIFO");
+    // The reader goes: writes now fail with EPIPE.
+    drop(reader);
+    busy_api(&mut kiln, "log to a FIFO whose reader is gone");
+    kiln.stop();
+
+    // stderr a pipe whose reader is gone (EPIPE on every line), metrics to a file that is then
+    // removed.
+    let metrics = dir.join("metrics.json");
+    let mut kiln = Kiln::start(
+        &dir,
+        &[&debug[..], &["--metrics-path", metrics.to_str().unwrap()]].concat(),
+        None,
+        Stdio::piped(),
+    );
+    drop(kiln.child.stderr.take());
+    busy_api(&mut kiln, "stderr closed");
+    std::fs::remove_file(&metrics).unwrap();
+    busy_api(&mut kiln, "metrics file removed");
+    kiln.stop();
+}
+
+#[test]
+fn signals_before_the_start_report_or_stop_with_their_status() {
+    let dir = scratch_dir("faults-signals");
+    // SIGUSR1 reports and goes on; each stop signal ends Kiln with 128+N, its socket removed,
+    // also in the middle of a request that has sent only its head.
+    for (signal, number) in [
+        ("-INT", libc::SIGINT),
+        ("-HUP", libc::SIGHUP),
+        ("-TERM", libc::SIGTERM),
+    ] {
+        let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+        for _ in 0..3 {
+            send_signal(&kiln.child, "-USR1");
+            kiln.assert_serving("after SIGUSR1");
+        }
+        let mut pending = connect(&kiln.sock);
+        pending
+            .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 30\r\n\r\n{\"vcpu")
+            .unwrap();
+        thread::sleep(Duration::from_millis(100));
+        send_signal(&kiln.child, signal);
+        let status = wait_for(&mut kiln.child);
+        assert_eq!(status.code(), Some(128 + number), "{signal}: {status:?}");
+        assert!(!kiln.sock.exists(), "{signal}");
+        report_seccomp_log(kiln.child.id());
+    }
+}
