@@ -89,6 +89,27 @@ fn triple_fault_exits_1_with_reason_rip_and_bytes() {
     );
 }
 
+/// Waits until process `pid` has a thread named `name` (its `comm`).
+fn wait_for_thread(pid: u32, name: &str) {
+    let start = std::time::Instant::now();
+    let has_it = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+    };
+    while !has_it() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "pid {pid} never had a thread {name:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn sigterm_stops_a_spinning_guest() {
     if !kvm_available() {
@@ -96,18 +117,35 @@ fn sigterm_stops_a_spinning_guest() {
     }
     let dir = scratch_dir("spin");
     let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
-    let child = spawn_kiln(&["run", "--kernel", &kernel, "--mem-mib", "16"]);
-    std::thread::sleep(Duration::from_millis(500));
+                                                                               // stderr to a file, to see the SIGUSR1 report arrive before sending SIGTERM.
+    let log = dir.join("stderr.txt");
+    let mut cmd = std::process::Command::new(kiln_tests::kiln_bin());
+    cmd.args(["run", "--kernel", &kernel, "--mem-mib", "16"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    kiln_tests::die_with_test(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn kiln");
+    // The vCPU threads start after the signal watcher: from then on SIGUSR1 is a report.
+    wait_for_thread(child.id(), "kiln_vcpu 0");
     send_signal(&child, "-USR1");
-    std::thread::sleep(Duration::from_millis(500));
+    let report = "kiln: vCPU 0: RIP 0x100000 (running); exits:";
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains(report) {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(start.elapsed() < DEADLINE, "no SIGUSR1 report: {text}");
+        assert!(child.try_wait().unwrap().is_none(), "kiln ended: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     send_signal(&child, "-TERM");
-    let out = wait_with_deadline(child, DEADLINE);
-    assert_eq!(out.code(), 128 + 15, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("kiln: vCPU 0: RIP 0x100000 (running); exits:"),
-        "{out:?}"
-    );
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < DEADLINE, "SIGTERM did not stop kiln");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{text}");
 }
 
 /// Every bad input: one `kiln: ...` line, status 2, nothing created.
@@ -272,7 +310,8 @@ fn a_drive_in_use_is_refused() {
         &drive,
         "--rng",
     ]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Its drives are open and locked before its vCPUs start.
+    wait_for_thread(first.id(), "kiln_vcpu 0");
     for second_drive in [drive.clone(), format!("{drive},ro")] {
         let second = run_tiny(&kernel, &["--drive", &second_drive]);
         assert_eq!(second.code(), 2, "{second:?}");
