@@ -469,3 +469,104 @@ fn signals_before_the_start_report_or_stop_with_their_status() {
         report_seccomp_log(kiln.child.id());
     }
 }
+
+/// A tiny kernel that parks its vCPU: `hlt` with interrupts off, for good.
+fn parked_elf() -> Vec<u8> {
+    kiln_tests::tiny_elf(kiln_tests::TINY_LOAD_ADDR, &[0xfa, 0xf4, 0xeb, 0xfd]) // cli; hlt; jmp
+}
+
+fn expect(kiln: &mut Kiln, method: &str, path: &str, body: &str, status: u16) {
+    let (got, answer) = api_call(&kiln.sock, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body}: {answer}");
+    kiln.assert_alive(&format!("after {method} {path}"));
+}
+
+#[test]
+fn a_running_vm_survives_signals_vanishing_vsock_peers_and_a_removed_socket() {
+    if !kiln_tests::kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("faults-running");
+    let kernel = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
+    let disk = kiln_tests::write_file(&dir, "disk.img", &[0u8; 64 << 10]);
+    let other = kiln_tests::write_file(&dir, "other.img", &[0u8; 64 << 10]);
+    let vsock = dir.join("v.sock");
+    let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+    let boot = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0"}}"#,
+        kernel.display()
+    );
+    expect(&mut kiln, "PUT", "/boot-source", &boot, 204);
+    expect(
+        &mut kiln,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":2,"mem_size_mib":16}"#,
+        204,
+    );
+    let drive = format!(
+        r#"{{"drive_id":"d1","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+        disk.display()
+    );
+    expect(&mut kiln, "PUT", "/drives/d1", &drive, 204);
+    let vsock_body = format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, vsock.display());
+    expect(&mut kiln, "PUT", "/vsock", &vsock_body, 204);
+    // SIGUSR1 before the start: a report, nothing more.
+    send_signal(&kiln.child, "-USR1");
+    expect(
+        &mut kiln,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"InstanceStart"}"#,
+        204,
+    );
+    send_signal(&kiln.child, "-USR1");
+    kiln.assert_serving("running, after SIGUSR1");
+
+    // Paused: a report, a drive swapped, a metrics flush; then resumed.
+    expect(&mut kiln, "PATCH", "/vm", r#"{"state":"Paused"}"#, 204);
+    send_signal(&kiln.child, "-USR1");
+    let swap = format!(
+        r#"{{"drive_id":"d1","path_on_host":"{}"}}"#,
+        other.display()
+    );
+    expect(&mut kiln, "PATCH", "/drives/d1", &swap, 204);
+    let missing = r#"{"drive_id":"d1","path_on_host":"/nonexistent/disk.img"}"#;
+    expect(&mut kiln, "PATCH", "/drives/d1", missing, 400);
+    expect(&mut kiln, "PATCH", "/vm", r#"{"state":"Resumed"}"#, 204);
+
+    // vsock host peers that ask for a port nobody listens on, send garbage, stall half way,
+    // flood, or vanish; many at once.
+    let peers: Vec<UnixStream> = (0..64)
+        .filter_map(|i| {
+            let mut peer = UnixStream::connect(&vsock).ok()?;
+            let _ = match i % 4 {
+                0 => peer.write_all(b"CONNECT 1234\n"),
+                1 => peer.write_all(b"\xff\x00garbage without a newline"),
+                2 => peer.write_all(b"CONN"),
+                _ => peer.write_all(&[b'A'; 1 << 16]),
+            };
+            (i % 8 != 7).then_some(peer)
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    kiln.assert_serving("with vsock peers");
+    drop(peers);
+    thread::sleep(Duration::from_millis(300));
+    kiln.assert_serving("after the vsock peers left");
+
+    // The vsock socket file removed: new peers cannot connect, Kiln runs on.
+    std::fs::remove_file(&vsock).unwrap();
+    assert!(UnixStream::connect(&vsock).is_err());
+    kiln.assert_serving("with the vsock socket removed");
+
+    // A stop signal in the middle of a request: 128+15, sockets removed.
+    let mut pending = connect(&kiln.sock);
+    pending
+        .write_all(b"PATCH /vm HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"st")
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    kiln.stop();
+    // The drive files are as they were: nothing wrote them.
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
+}
