@@ -570,3 +570,68 @@ fn a_running_vm_survives_signals_vanishing_vsock_peers_and_a_removed_socket() {
     // The drive files are as they were: nothing wrote them.
     assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
 }
+
+/// The names in `dir`, sorted.
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
+    if !kiln_tests::kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("faults-cycles");
+    let hello = kiln_tests::write_file(&dir, "hello.elf", &kiln_tests::hello_elf());
+    let parked = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
+    let before = (dir_names(&dir), open_fds());
+    let started = Instant::now();
+    const CYCLES: usize = 100;
+    for cycle in 0..CYCLES {
+        // Even cycles: the guest resets itself (exit 0). Odd ones: it parks and SIGTERM ends it.
+        let kernel = if cycle % 2 == 0 { &hello } else { &parked };
+        let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+        let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+        expect(&mut kiln, "PUT", "/boot-source", &boot, 204);
+        expect(
+            &mut kiln,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":16}"#,
+            204,
+        );
+        let (status, body) = api_call(
+            &kiln.sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert_eq!(status, 204, "cycle {cycle}: {body}");
+        if cycle % 2 == 0 {
+            let status = wait_for(&mut kiln.child);
+            assert_eq!(status.code(), Some(0), "cycle {cycle}: {status:?}");
+            assert!(!kiln.sock.exists(), "cycle {cycle}: socket left");
+        } else {
+            kiln.stop();
+        }
+        assert_eq!(
+            (dir_names(&dir), open_fds()),
+            before,
+            "cycle {cycle} left files or fds"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{CYCLES} VM start/stop cycles in {elapsed:.1} s ({:.0} per minute)",
+        CYCLES as f64 * 60.0 / elapsed
+    );
+}
