@@ -581,8 +581,28 @@ fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// The fds of this test process that refer to something under `dir` (the other tests of this
+/// binary, running beside, open and close fds of their own all the time).
+fn fds_into(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .collect()
+}
+
+/// The processes whose command line names something under `dir`.
+fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some(cmdline)
+        })
+        .collect()
 }
 
 #[test]
@@ -593,7 +613,7 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
     let dir = scratch_dir("faults-cycles");
     let hello = kiln_tests::write_file(&dir, "hello.elf", &kiln_tests::hello_elf());
     let parked = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
-    let before = (dir_names(&dir), open_fds());
+    let before = (dir_names(&dir), fds_into(&dir), processes_using(&dir));
     let started = Instant::now();
     const CYCLES: usize = 100;
     for cycle in 0..CYCLES {
@@ -624,7 +644,7 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
             kiln.stop();
         }
         assert_eq!(
-            (dir_names(&dir), open_fds()),
+            (dir_names(&dir), fds_into(&dir), processes_using(&dir)),
             before,
             "cycle {cycle} left files or fds"
         );
