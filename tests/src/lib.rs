@@ -289,6 +289,38 @@ pub fn sha256_file(path: &std::path::Path) -> String {
         .to_string()
 }
 
+/// Polls `done` every 20 ms until it holds; fails the test after `deadline`.
+pub fn wait_until(deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `deadline` for `child` to exit (without touching its pipes); its status.
+pub fn wait_for_exit(child: &mut Child, deadline: Duration) -> ExitStatus {
+    let mut status = None;
+    wait_until(deadline, "the process to exit", || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
+/// Waits until process `pid` has a thread named `name` (its `comm`).
+pub fn wait_for_thread(pid: u32, name: &str, deadline: Duration) {
+    wait_until(deadline, &format!("a thread {name:?} in pid {pid}"), || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+    });
+}
+
 /// Waits up to `deadline` for kiln's API socket to appear.
 pub fn wait_for_socket(sock: &std::path::Path, deadline: Duration) {
     let start = Instant::now();

@@ -17,7 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::{api_call, kiln_bin, scratch_dir, send_signal, wait_for_socket};
+use kiln_tests::{
+    api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_until,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Kiln's connection limit (Firecracker has none; its clients see refusals only from the kernel).
@@ -89,21 +91,10 @@ impl Kiln {
     fn stop(mut self) {
         self.assert_alive("before SIGTERM");
         send_signal(&self.child, "-TERM");
-        let status = wait_for(&mut self.child);
+        let status = wait_for_exit(&mut self.child, DEADLINE);
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
         assert!(!self.sock.exists());
         report_seccomp_log(self.child.id());
-    }
-}
-
-fn wait_for(child: &mut Child) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(start.elapsed() < DEADLINE, "Kiln did not exit");
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -154,6 +145,15 @@ fn connect(sock: &Path) -> UnixStream {
     stream
         .set_read_timeout(Some(REQUEST_TIMEOUT + DEADLINE))
         .expect("timeout");
+    stream
+}
+
+/// A client that has sent `partial` (part of a request) and waits, held by the caller; Kiln
+/// has had a moment to read it.
+fn half_sent(sock: &Path, partial: &[u8]) -> UnixStream {
+    let mut stream = connect(sock);
+    stream.write_all(partial).expect("send half a request");
+    thread::sleep(Duration::from_millis(100));
     stream
 }
 
@@ -340,16 +340,12 @@ fn accept_failing_for_want_of_fds_pauses_and_kiln_serves_again() {
     // Kiln itself holds fewer than 40 fds: the clients past that find the table full (they
     // wait in the socket's backlog, which is larger).
     let clients: Vec<UnixStream> = (0..100).map(|_| connect(&kiln.sock)).collect();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("api: accept failed")
-    {
+    wait_until(DEADLINE, "accept to fail", || {
         kiln.assert_alive("with the fd table full");
-        let text = std::fs::read_to_string(&log).unwrap();
-        assert!(start.elapsed() < DEADLINE, "accept never failed: {text}");
-        thread::sleep(Duration::from_millis(50));
-    }
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("api: accept failed")
+    });
     thread::sleep(Duration::from_millis(300));
     kiln.assert_alive("with the fd table full");
     drop(clients);
@@ -457,13 +453,12 @@ fn signals_before_the_start_report_or_stop_with_their_status() {
             send_signal(&kiln.child, "-USR1");
             kiln.assert_serving("after SIGUSR1");
         }
-        let mut pending = connect(&kiln.sock);
-        pending
-            .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 30\r\n\r\n{\"vcpu")
-            .unwrap();
-        thread::sleep(Duration::from_millis(100));
+        let _pending = half_sent(
+            &kiln.sock,
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 30\r\n\r\n{\"vcpu",
+        );
         send_signal(&kiln.child, signal);
-        let status = wait_for(&mut kiln.child);
+        let status = wait_for_exit(&mut kiln.child, DEADLINE);
         assert_eq!(status.code(), Some(128 + number), "{signal}: {status:?}");
         assert!(!kiln.sock.exists(), "{signal}");
         report_seccomp_log(kiln.child.id());
@@ -561,11 +556,10 @@ fn a_running_vm_survives_signals_vanishing_vsock_peers_and_a_removed_socket() {
     kiln.assert_serving("with the vsock socket removed");
 
     // A stop signal in the middle of a request: 128+15, sockets removed.
-    let mut pending = connect(&kiln.sock);
-    pending
-        .write_all(b"PATCH /vm HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"st")
-        .unwrap();
-    thread::sleep(Duration::from_millis(100));
+    let _pending = half_sent(
+        &kiln.sock,
+        b"PATCH /vm HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"st",
+    );
     kiln.stop();
     // The drive files are as they were: nothing wrote them.
     assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
@@ -637,7 +631,7 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
         );
         assert_eq!(status, 204, "cycle {cycle}: {body}");
         if cycle % 2 == 0 {
-            let status = wait_for(&mut kiln.child);
+            let status = wait_for_exit(&mut kiln.child, DEADLINE);
             assert_eq!(status.code(), Some(0), "cycle {cycle}: {status:?}");
             assert!(!kiln.sock.exists(), "cycle {cycle}: socket left");
         } else {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use kiln_tests::{
     hello_elf, kvm_available, metrics_lines, run_kiln, scratch_dir, send_signal, spawn_kiln,
-    tiny_elf, wait_with_deadline, write_file, TINY_LOAD_ADDR,
+    tiny_elf, wait_for_exit, wait_for_thread, wait_until, wait_with_deadline, write_file,
+    TINY_LOAD_ADDR,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -89,27 +90,6 @@ fn triple_fault_exits_1_with_reason_rip_and_bytes() {
     );
 }
 
-/// Waits until process `pid` has a thread named `name` (its `comm`).
-fn wait_for_thread(pid: u32, name: &str) {
-    let start = std::time::Instant::now();
-    let has_it = || {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|task| {
-                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
-            })
-    };
-    while !has_it() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "pid {pid} never had a thread {name:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigterm_stops_a_spinning_guest() {
     if !kvm_available() {
@@ -126,24 +106,16 @@ fn sigterm_stops_a_spinning_guest() {
     kiln_tests::die_with_test(&mut cmd);
     let mut child = cmd.spawn().expect("spawn kiln");
     // The vCPU threads start after the signal watcher: from then on SIGUSR1 is a report.
-    wait_for_thread(child.id(), "kiln_vcpu 0");
+    wait_for_thread(child.id(), "kiln_vcpu 0", DEADLINE);
     send_signal(&child, "-USR1");
     let report = "kiln: vCPU 0: RIP 0x100000 (running); exits:";
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&log).unwrap().contains(report) {
+    wait_until(DEADLINE, "the SIGUSR1 report", || {
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(start.elapsed() < DEADLINE, "no SIGUSR1 report: {text}");
         assert!(child.try_wait().unwrap().is_none(), "kiln ended: {text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        text.contains(report)
+    });
     send_signal(&child, "-TERM");
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(start.elapsed() < DEADLINE, "SIGTERM did not stop kiln");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut child, DEADLINE);
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(128 + 15), "{text}");
 }
@@ -311,7 +283,7 @@ fn a_drive_in_use_is_refused() {
         "--rng",
     ]);
     // Its drives are open and locked before its vCPUs start.
-    wait_for_thread(first.id(), "kiln_vcpu 0");
+    wait_for_thread(first.id(), "kiln_vcpu 0", DEADLINE);
     for second_drive in [drive.clone(), format!("{drive},ro")] {
         let second = run_tiny(&kernel, &["--drive", &second_drive]);
         assert_eq!(second.code(), 2, "{second:?}");

@@ -25,7 +25,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use kiln_tests::{
-    api_call, die_with_test, kiln_bin, kvm_available, send_signal, write_script_drive, NetNs,
+    api_call, die_with_test, kiln_bin, kvm_available, send_signal, wait_until, write_script_drive,
+    NetNs,
 };
 use vmm::jail::cgroup::{host_mounts, CgroupPlan, CgroupSetting, CgroupVersion};
 
@@ -185,14 +186,6 @@ impl Drop for Jail {
 
 fn cgroup_file(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
     dirs.iter().map(|d| d.join(name)).find(|p| p.exists())
-}
-
-fn wait_until(deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A running jailer whose output is being collected.
