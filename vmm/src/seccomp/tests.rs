@@ -155,6 +155,13 @@ fn each_built_in_filter_lets_a_thread_start_report_and_end() {
                 let read = unsafe { libc::syscall(libc::SYS_clock_gettime, clock, &mut now) };
                 assert_eq!(read, 0);
             }
+            // What the kernel makes a thread call when SIGCONT resumes a timed wait that
+            // SIGSTOP interrupted; called with nothing to restart, it fails with EINTR.
+            // SAFETY: restart_syscall takes no arguments and touches no memory of ours.
+            let restarted = unsafe { libc::syscall(libc::SYS_restart_syscall) };
+            assert_eq!(restarted, -1);
+            // What std's channels do to back off under contention.
+            std::thread::yield_now();
             tx.send(kind).unwrap();
         })
         .unwrap()
