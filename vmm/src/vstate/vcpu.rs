@@ -256,14 +256,13 @@ impl Vcpu {
         mmio_bus: Bus,
         mem: GuestMemoryMmap,
     ) -> Result<Self, VcpuError> {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Kvm {
+        let fd = super::retry_interrupted(|| vm.fd().create_vcpu(u64::from(index))).map_err(
+            |source| VcpuError::Kvm {
                 cpu: index,
                 what: "KVM_CREATE_VCPU",
                 source,
-            })?;
+            },
+        )?;
         Ok(Self {
             index,
             fd,

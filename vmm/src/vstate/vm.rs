@@ -5,6 +5,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
+use super::retry_interrupted;
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
 
 /// Errors in creating and configuring the VM.
@@ -63,16 +64,15 @@ impl Vm {
             }
         }
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDR as usize)
+        let fd = retry_interrupted(|| kvm.create_vm()).map_err(kvm_err("KVM_CREATE_VM"))?;
+        retry_interrupted(|| fd.set_tss_address(KVM_TSS_ADDR as usize))
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        retry_interrupted(|| fd.create_irq_chip()).map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        retry_interrupted(|| fd.create_pit2(pit)).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         Ok(Self { fd })
     }
 
@@ -94,12 +94,11 @@ impl Vm {
             };
             // SAFETY: `host .. host + len` is a live mapping owned by `mem`, which the caller
             // keeps alive as long as the VM exists; slots are distinct and regions do not overlap.
-            unsafe { self.fd.set_user_memory_region(memory_region) }.map_err(|source| {
-                VmError::Kvm {
+            retry_interrupted(|| unsafe { self.fd.set_user_memory_region(memory_region) })
+                .map_err(|source| VmError::Kvm {
                     what: "KVM_SET_USER_MEMORY_REGION",
                     source,
-                }
-            })?;
+                })?;
         }
         Ok(())
     }
