@@ -323,8 +323,26 @@ fn request(handle: &VcpuHandle, flag: &std::sync::atomic::AtomicBool) {
             return;
         }
         let _ = handle.thread.kill(SIGRTMIN());
-        thread::sleep(KICK_INTERVAL);
+        if wait_taken(flag, KICK_INTERVAL) {
+            return;
+        }
     }
+}
+
+/// Waits up to `within` for a vCPU to clear `flag`. A kicked vCPU usually takes its request
+/// within microseconds, so it looks early and then less often: sleeping the whole interval would
+/// hold the control loop (and every API call behind it) for each SIGUSR1 and watchdog sample.
+fn wait_taken(flag: &std::sync::atomic::AtomicBool, within: Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut nap = Duration::from_micros(20);
+    while start.elapsed() < within {
+        thread::sleep(nap);
+        if !flag.load(Ordering::Acquire) {
+            return true;
+        }
+        nap = (nap * 2).min(within / 4);
+    }
+    !flag.load(Ordering::Acquire)
 }
 
 fn stop_vcpus(handles: &[VcpuHandle]) {
