@@ -7,7 +7,7 @@
 //! away with a 503 fault.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -382,6 +382,20 @@ fn turn_away(stream: &UnixStream, limit: usize) {
     log_request("-", "-", response.status(), Duration::ZERO);
     if stream.set_nonblocking(true).is_ok() {
         let _ = send_without_sigpipe(stream, &response.to_bytes(false));
+        discard_pending(stream);
+    }
+}
+
+/// Reads and drops what a turned-away client has sent so far (at most a few KiB): a Unix socket
+/// closed with unread data makes its peer's next read fail with ECONNRESET once the refusal is
+/// read, where a client expects an end of file.
+fn discard_pending(stream: &UnixStream) {
+    let mut scrap = [0u8; 4096];
+    for _ in 0..4 {
+        match (&*stream).read(&mut scrap) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 
