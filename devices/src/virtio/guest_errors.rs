@@ -9,18 +9,35 @@ const LOG_FIRST: u64 = 10;
 /// After the first few, one error in this many is logged.
 const LOG_EVERY: u64 = 10_000;
 
-/// A per-device tally of guest errors.
+/// A per-device tally of guest errors, or (made by [`GuestErrorLog::host`]) of the host-side
+/// failures the guest's requests met (a full disk, EIO, a deleted TAP), which are as many as the
+/// guest asks for and so are sampled the same way.
 #[derive(Debug, Default)]
 pub struct GuestErrorLog {
     count: u64,
+    host: bool,
 }
 
 impl GuestErrorLog {
+    /// A tally of host-side I/O failures: logged as such, so that a full disk does not read as
+    /// something the guest did wrong.
+    pub fn host() -> Self {
+        GuestErrorLog {
+            count: 0,
+            host: true,
+        }
+    }
+
     /// Counts an error and logs it when it is one of the first few or a periodic sample.
     pub fn record(&mut self, device: &str, error: &dyn std::fmt::Display) {
         self.count = self.count.saturating_add(1);
         if self.should_log() {
-            log::warn!("{device}: guest error #{}: {error}", self.count);
+            let what = if self.host {
+                "host I/O error"
+            } else {
+                "guest error"
+            };
+            log::warn!("{device}: {what} #{}: {error}", self.count);
         }
     }
 

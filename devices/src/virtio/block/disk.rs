@@ -50,7 +50,25 @@ pub enum IoError {
     Host(#[from] std::io::Error),
     /// Copying between the file and guest memory failed.
     #[error("guest memory: {0}")]
-    Memory(#[from] vm_memory::GuestMemoryError),
+    Memory(vm_memory::GuestMemoryError),
+}
+
+impl From<vm_memory::GuestMemoryError> for IoError {
+    /// The file's own failures (ENOSPC, EIO) arrive wrapped by vm-memory's copy; they are the
+    /// host's, not the guest's.
+    fn from(e: vm_memory::GuestMemoryError) -> Self {
+        match e {
+            vm_memory::GuestMemoryError::IOError(e) => IoError::Host(e),
+            e => IoError::Memory(e),
+        }
+    }
+}
+
+impl IoError {
+    /// True when the host side failed (the file), not the guest's request.
+    pub fn is_host(&self) -> bool {
+        matches!(self, IoError::Host(_))
+    }
 }
 
 /// An open disk image.
@@ -252,6 +270,19 @@ mod tests {
     use super::*;
     use std::io::Read;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn the_files_own_failures_are_the_hosts_and_bad_guest_buffers_are_not() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let err = IoError::from(vm_memory::GuestMemoryError::IOError(full));
+        assert!(err.is_host());
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        let err = IoError::from(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(0x1000),
+        ));
+        assert!(!err.is_host());
+        assert!(!IoError::ReadOnly.is_host());
+    }
 
     fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-disk-{}-{name}", std::process::id()));

@@ -107,6 +107,8 @@ pub struct Block {
     acked_features: u64,
     active: Option<ActiveQueue>,
     errors: GuestErrorLog,
+    /// The backing file's failures (full disk, EIO).
+    host_errors: GuestErrorLog,
     counters: BlockCounters,
 }
 
@@ -138,6 +140,7 @@ impl Block {
             acked_features: 0,
             active: None,
             errors: GuestErrorLog::default(),
+            host_errors: GuestErrorLog::host(),
             counters: BlockCounters::default(),
         })
     }
@@ -224,6 +227,7 @@ impl Block {
             disk: &mut self.disk,
             rate_limiter: &mut self.rate_limiter,
             errors: &mut self.errors,
+            host_errors: &mut self.host_errors,
             counters: &mut self.counters,
             id: &self.id,
         };
@@ -248,6 +252,7 @@ struct RequestHandler<'a> {
     disk: &'a mut DiskFile,
     rate_limiter: &'a mut RateLimiter,
     errors: &'a mut GuestErrorLog,
+    host_errors: &'a mut GuestErrorLog,
     counters: &'a mut BlockCounters,
     id: &'a [u8; ID_BYTES],
 }
@@ -331,7 +336,12 @@ impl RequestHandler<'_> {
         match result {
             Ok(written) => (status::OK, written),
             Err(e) => {
-                self.errors.record("virtio-blk", &e);
+                let log = if e.is_host() {
+                    &mut *self.host_errors
+                } else {
+                    &mut *self.errors
+                };
+                log.record("virtio-blk", &e);
                 (status::IOERR, 0)
             }
         }

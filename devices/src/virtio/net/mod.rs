@@ -261,7 +261,7 @@ impl<B: NetBackend> Net<B> {
             rx_pending: None,
             tx_frame: vec![0; MAX_BUFFER_LEN].into_boxed_slice(),
             errors: GuestErrorLog::default(),
-            backend_errors: GuestErrorLog::default(),
+            backend_errors: GuestErrorLog::host(),
             counters: NetCounters::default(),
         })
     }
