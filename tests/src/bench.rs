@@ -111,3 +111,21 @@ pub fn host_context() -> String {
     };
     format!("host: Linux {release}, {model}, {cpus} CPUs; /dev/kvm: {kvm}")
 }
+
+/// The `p`th percentile (0..=100) of `sorted`, nearest rank; zero when there is nothing.
+pub fn percentile(sorted: &[std::time::Duration], p: usize) -> std::time::Duration {
+    sorted
+        .get((sorted.len() * p / 100).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The median of `values` (sorted in place); NaN when there is none.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}

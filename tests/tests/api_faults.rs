@@ -14,11 +14,15 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bench::percentile;
 use kiln_tests::{
-    api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_until,
+    api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_for_thread,
+    wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -565,6 +569,174 @@ fn a_running_vm_survives_signals_vanishing_vsock_peers_and_a_removed_socket() {
     assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
 }
 
+/// The API calls that configure a parked guest of `mem_mib` with two vCPUs and a drive.
+fn configure_parked(kiln: &mut Kiln, kernel: &Path, disk: &Path, mem_mib: u32) {
+    let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+    expect(kiln, "PUT", "/boot-source", &boot, 204);
+    let machine = format!(r#"{{"vcpu_count":2,"mem_size_mib":{mem_mib}}}"#);
+    expect(kiln, "PUT", "/machine-config", &machine, 204);
+    let drive = format!(
+        r#"{{"drive_id":"d1","path_on_host":"{}","is_root_device":false}}"#,
+        disk.display()
+    );
+    expect(kiln, "PUT", "/drives/d1", &drive, 204);
+}
+
+/// Signals sent to a process round-robin, as fast as `kill` allows, from a thread; ended by
+/// [`SignalStorm::end`] or by being dropped (a failing test must not leave it signalling a pid
+/// that another process may get next).
+struct SignalStorm {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<usize>>,
+}
+
+impl SignalStorm {
+    fn start(pid: u32, signals: &'static [libc::c_int]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = Some(signal_storm(pid, signals, stop.clone()));
+        SignalStorm { stop, thread }
+    }
+
+    /// Stops the storm; returns how many signals it sent.
+    fn end(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().expect("storm"))
+    }
+}
+
+impl Drop for SignalStorm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn signal_storm(
+    pid: u32,
+    signals: &'static [libc::c_int],
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let signal = signals[sent % signals.len()];
+            // SAFETY: kill with a pid this test spawned and a valid signal number.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+            sent += 1;
+            // Room for the process to run between signals.
+            thread::sleep(Duration::from_micros(50));
+        }
+        // Never leave Kiln stopped.
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        sent
+    })
+}
+
+const INSTANCE_START: &[u8] =
+    b"PUT /actions HTTP/1.1\r\nConnection: close\r\nContent-Length: 31\r\n\r\n\
+      {\"action_type\":\"InstanceStart\"}";
+
+#[test]
+fn signals_during_the_build_neither_break_it_nor_get_lost() {
+    if !kiln_tests::kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("faults-build-signals");
+    let kernel = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
+    let disk = kiln_tests::write_file(&dir, "disk.img", &[0u8; 64 << 10]);
+
+    // Signals that report or that Kiln leaves at their default (ignore, stop, continue) land on
+    // every thread while InstanceStart builds the VM (its handlers run on whichever thread the
+    // kernel picks, vCPU threads with their filters included): the start succeeds and the VM runs.
+    for round in 0..3 {
+        let log = dir.join(format!("storm-{round}.log"));
+        let mut kiln = Kiln::start(&dir, &[], None, std::fs::File::create(&log).unwrap().into());
+        configure_parked(&mut kiln, &kernel, &disk, 1024);
+        const HARMLESS: &[libc::c_int] = &[
+            libc::SIGUSR1,
+            libc::SIGWINCH,
+            libc::SIGCHLD,
+            libc::SIGURG,
+            libc::SIGPIPE,
+            libc::SIGSTOP,
+            libc::SIGCONT,
+            libc::SIGUSR1,
+            libc::SIGWINCH,
+            libc::SIGCHLD,
+            libc::SIGURG,
+        ];
+        let began = Instant::now();
+        let storm = SignalStorm::start(kiln.child.id(), HARMLESS);
+        let mut start = connect(&kiln.sock);
+        start.write_all(INSTANCE_START).expect("send InstanceStart");
+        let reply = read_all(&mut start);
+        if status_of(&reply) != Some(204) {
+            drop(storm);
+            let status = kiln.child.try_wait();
+            panic!(
+                "round {round}: InstanceStart answered {reply:?}; Kiln {status:?}, log:\n{}{}",
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                seccomp_log(kiln.child.id())
+            );
+        }
+        wait_for_thread(kiln.child.id(), "kiln_vcpu 1", DEADLINE);
+        // And on the running vCPUs a while.
+        thread::sleep(Duration::from_millis(500));
+        let sent = storm.end();
+        eprintln!(
+            "round {round}: started and running under {sent} signals in {:?}",
+            began.elapsed()
+        );
+        kiln.assert_serving(&format!("round {round}, after {sent} signals"));
+        let (status, info) = api_call(&kiln.sock, "GET", "/", "");
+        assert_eq!(status, 200);
+        assert!(info.contains(r#""state":"Running""#), "{info}");
+        kiln.stop();
+    }
+
+    // A stop signal sent as InstanceStart goes out, before, during or after the build: Kiln
+    // ends with 128+N and removes its socket, whatever the phase it landed in.
+    for (delay_us, (signal, number)) in [0u64, 300, 1000, 3000, 10_000].into_iter().zip(
+        [
+            ("-TERM", libc::SIGTERM),
+            ("-INT", libc::SIGINT),
+            ("-HUP", libc::SIGHUP),
+        ]
+        .into_iter()
+        .cycle(),
+    ) {
+        let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+        configure_parked(&mut kiln, &kernel, &disk, 1024);
+        let mut start = connect(&kiln.sock);
+        start.write_all(INSTANCE_START).expect("send InstanceStart");
+        thread::sleep(Duration::from_micros(delay_us));
+        send_signal(&kiln.child, signal);
+        let status = wait_for_exit(&mut kiln.child, DEADLINE);
+        assert_eq!(
+            status.code(),
+            Some(128 + number),
+            "{signal} {delay_us} us into the start: {status:?}{}",
+            seccomp_log(kiln.child.id())
+        );
+        assert!(!kiln.sock.exists(), "{signal} {delay_us} us: socket left");
+        // The start's answer, if it came before the end, was a success.
+        let reply = read_all(&mut start);
+        assert!(
+            reply.is_empty() || status_of(&reply) == Some(204),
+            "{signal} {delay_us} us: {reply}"
+        );
+        eprintln!(
+            "{signal} {delay_us} us into the start: {status:?}, answer {:?}",
+            status_of(&reply)
+        );
+        report_seccomp_log(kiln.child.id());
+    }
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
+}
+
 /// The names in `dir`, sorted.
 fn dir_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -648,4 +820,118 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
         "{CYCLES} VM start/stop cycles in {elapsed:.1} s ({:.0} per minute)",
         CYCLES as f64 * 60.0 / elapsed
     );
+}
+
+/// Raises this process's soft fd limit to its hard one; returns the limit now in force.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write the one struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+    }
+    limit.rlim_cur
+}
+
+#[test]
+fn a_thousand_clients_and_a_minute_of_requests_are_served() {
+    const LOAD: Duration = Duration::from_secs(60);
+    const STREAMS: usize = 4;
+    let dir = scratch_dir("faults-load");
+    // Room for the clients (the other tests of this binary hold up to about 900 fds at once).
+    let clients = (raise_fd_limit().saturating_sub(1000) as usize).min(1000);
+    assert!(
+        clients >= MAX_CONNECTIONS * 2,
+        "fd limit too low for the load"
+    );
+    let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+    let started = Instant::now();
+    // Sustained streams: one request per connection, back to back, timed.
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let sock = kiln.sock.clone();
+            thread::spawn(move || {
+                let mut served = Vec::new();
+                let mut refused = 0usize;
+                while started.elapsed() < LOAD {
+                    let sent = Instant::now();
+                    let mut stream = connect(&sock);
+                    let _ = stream.write_all(
+                        b"GET /machine-config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    );
+                    // A client turned away gets its 503, then an end of file, or a reset when
+                    // its request arrived after Kiln had closed: read_all stops at either.
+                    let reply = read_all(&mut stream);
+                    match status_of(&reply) {
+                        Some(200) => served.push(sent.elapsed()),
+                        Some(503) => refused += 1,
+                        _ => panic!("{reply:?}"),
+                    }
+                }
+                (served, refused)
+            })
+        })
+        .collect();
+    // Waves of `clients` concurrent keep-alive clients, each with a whole request, that stay a
+    // moment after their answer and go.
+    let mut waves = 0;
+    let (mut ok, mut busy) = (0usize, 0usize);
+    while started.elapsed() < LOAD {
+        let mut wave = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let Ok(mut stream) = UnixStream::connect(&kiln.sock) else {
+                kiln.assert_alive(&format!("client {i} of wave {waves}"));
+                panic!("Kiln refused client {i} of wave {waves}");
+            };
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            wave.push(stream);
+        }
+        for stream in &mut wave {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut head = [0u8; 12];
+            let status = stream
+                .read_exact(&mut head)
+                .ok()
+                .and_then(|()| status_of(&String::from_utf8_lossy(&head)));
+            match status {
+                Some(200) => ok += 1,
+                Some(503) => busy += 1,
+                other => panic!("wave {waves}: {other:?}"),
+            }
+        }
+        thread::sleep(Duration::from_secs(2));
+        drop(wave);
+        waves += 1;
+        kiln.assert_alive(&format!("after wave {waves}"));
+    }
+    let mut latencies = Vec::new();
+    let mut refused = 0;
+    for stream in streams {
+        let (served, turned_away) = stream.join().expect("a stream saw a wrong answer");
+        assert!(!served.is_empty(), "a stream was never served");
+        latencies.extend(served);
+        refused += turned_away;
+    }
+    latencies.sort();
+    eprintln!(
+        "load: {waves} waves of {clients} clients ({ok} answered, {busy} refused with 503); \
+         {STREAMS} streams: {} served, {refused} refused, p50 {:?}, p99 {:?}",
+        latencies.len(),
+        percentile(&latencies, 50),
+        percentile(&latencies, 99)
+    );
+    assert!(
+        ok >= waves * MAX_CONNECTIONS / 2,
+        "too few of the waves' clients served"
+    );
+    kiln.assert_serving("after the load");
+    kiln.stop();
 }
