@@ -69,3 +69,14 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "fuzz: FAILED: ${failed[*]}"
     exit 1
 fi
+
+# The corpora just grown, replayed against the real binary with its filters on
+# (tests/tests/fuzz_replay.rs; the test run before this saw only the seeds). Built by the
+# workspace's own toolchain settings, not the fuzz build's.
+t0=$(date +%s)
+if ! (cd .. && env -u RUSTC_BOOTSTRAP cargo build --workspace --quiet &&
+    env -u RUSTC_BOOTSTRAP cargo test --quiet -p kiln-tests --test fuzz_replay -- --nocapture); then
+    echo "fuzz: FAILED: replaying the corpora against the kiln binary"
+    exit 1
+fi
+echo "fuzz: corpora replayed against the kiln binary in $(($(date +%s) - t0)) s"
