@@ -333,32 +333,40 @@ fn request(handle: &VcpuHandle, flag: &std::sync::atomic::AtomicBool) {
 /// within microseconds, so it looks early and then less often: sleeping the whole interval would
 /// hold the control loop (and every API call behind it) for each SIGUSR1 and watchdog sample.
 fn wait_taken(flag: &std::sync::atomic::AtomicBool, within: Duration) -> bool {
+    wait_for(within, || !flag.load(Ordering::Acquire))
+}
+
+/// Waits up to `within` for `done`, looking after 20 us and then less and less often.
+fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = std::time::Instant::now();
     let mut nap = Duration::from_micros(20);
     while start.elapsed() < within {
         thread::sleep(nap);
-        if !flag.load(Ordering::Acquire) {
+        if done() {
             return true;
         }
         nap = (nap * 2).min(within / 4);
     }
-    !flag.load(Ordering::Acquire)
+    done()
 }
 
 fn stop_vcpus(handles: &[VcpuHandle]) {
     for handle in handles {
         handle.requests.request_stop();
     }
+    let all_finished = || handles.iter().all(|h| h.thread.is_finished());
     for _ in 0..KICK_ATTEMPTS {
-        let mut running = false;
-        for handle in handles.iter().filter(|h| !h.thread.is_finished()) {
-            running = true;
-            let _ = handle.thread.kill(SIGRTMIN());
-        }
-        if !running {
+        if all_finished() {
             return;
         }
-        thread::sleep(KICK_INTERVAL);
+        for handle in handles.iter().filter(|h| !h.thread.is_finished()) {
+            let _ = handle.thread.kill(SIGRTMIN());
+        }
+        // Kicked vCPUs leave within microseconds: look again soon (every stop of the VM, and so
+        // every start/stop cycle, waits here).
+        if wait_for(KICK_INTERVAL, all_finished) {
+            return;
+        }
     }
 }
 
