@@ -70,6 +70,8 @@ pub(crate) struct Connection {
     deadline: Instant,
     request_timeout: Duration,
     linger_timeout: Duration,
+    /// When the client last sent something or the socket last took output.
+    last_activity: Instant,
 }
 
 impl Connection {
@@ -87,7 +89,15 @@ impl Connection {
             deadline: now + config.request_timeout,
             request_timeout: config.request_timeout,
             linger_timeout: config.linger_timeout,
+            last_activity: now,
         }
+    }
+
+    /// Since when the connection has been idle between requests (nothing of a request received,
+    /// no response owed), if it is; such a connection may be closed at any time.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        let idle = self.phase == Phase::Open && self.input.is_empty() && self.output.is_empty();
+        idle.then_some(self.last_activity)
     }
 
     pub(crate) fn raw_fd(&self) -> i32 {
@@ -111,6 +121,7 @@ impl Connection {
 
     /// The socket has input, an EOF or an error.
     pub(crate) fn on_readable(&mut self, handler: Handler<'_>, now: Instant) {
+        self.last_activity = now;
         match self.phase {
             Phase::Open => {
                 self.read_input();
@@ -123,6 +134,7 @@ impl Connection {
 
     /// The socket can take output (or has an error).
     pub(crate) fn on_writable(&mut self, handler: Handler<'_>, now: Instant) {
+        self.last_activity = now;
         if self.phase != Phase::Closed {
             self.advance(handler, now);
         }

@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// After a fault response, how long the rest of the client's input is read and dropped before
     /// the connection is closed.
     pub linger_timeout: Duration,
+    /// At the connection limit, a connection idle between requests (nothing received or owed)
+    /// for at least this long is closed to make room for the new client, which would otherwise be
+    /// turned away: idle connections cannot keep the API from the clients that use it.
+    pub idle_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             request_timeout: Duration::from_secs(30),
             linger_timeout: Duration::from_secs(2),
+            idle_grace: Duration::from_secs(1),
         }
     }
 }
@@ -280,7 +285,7 @@ impl EventLoop {
     }
 
     fn add_client(&mut self, stream: UnixStream) {
-        if self.connections.len() >= self.config.max_connections {
+        if self.connections.len() >= self.config.max_connections && !self.close_idlest() {
             turn_away(&stream, self.config.max_connections);
             return;
         }
@@ -360,6 +365,25 @@ impl EventLoop {
                 }
             }
             None => self.drop_connection(token),
+        }
+    }
+
+    /// Closes the connection idle longest, if it has been idle at least `idle_grace`; returns
+    /// whether one was closed. (A scan of at most `max_connections`, made only at the limit.)
+    fn close_idlest(&mut self) -> bool {
+        let now = Instant::now();
+        let idlest = self
+            .connections
+            .iter()
+            .filter_map(|(&token, (connection, _))| Some((connection.idle_since()?, token)))
+            .filter(|&(since, _)| now.saturating_duration_since(since) >= self.config.idle_grace)
+            .min();
+        match idlest {
+            Some((_, token)) => {
+                self.drop_connection(token);
+                true
+            }
+            None => false,
         }
     }
 
@@ -693,6 +717,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(served);
+    }
+
+    #[test]
+    fn at_the_limit_the_longest_idle_connection_makes_room() {
+        let config = ServerConfig {
+            max_connections: 2,
+            idle_grace: Duration::from_millis(500),
+            ..ServerConfig::default()
+        };
+        let server = TestServer::start("idle", config);
+        // Idle since they connected; one with half a request is busy, never closed for room.
+        let mut idle = server.connect();
+        assert_eq!(request(&mut idle, b"GET /1 HTTP/1.1\r\n\r\n").status, 200);
+        let mut busy = server.connect();
+        busy.write_all(b"GET /half HTTP/1.1\r\nHo").unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let mut newcomer = server.connect();
+        assert_eq!(
+            request(&mut newcomer, b"GET /new HTTP/1.1\r\n\r\n").status,
+            200
+        );
+        // The idle one was closed: an end of file, no bytes.
+        let mut rest = Vec::new();
+        idle.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        // The busy one is still served.
+        busy.write_all(b"st: x\r\n\r\n").unwrap();
+        assert_eq!(read_reply(&mut busy).status, 200);
+        // Nothing idle long enough now: the next client is turned away.
+        let mut late = server.connect();
+        assert_eq!(read_reply(&mut late).status, 503);
     }
 
     #[test]
