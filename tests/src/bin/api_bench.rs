@@ -1,10 +1,13 @@
 //! API benchmark, Kiln beside Firecracker: prints figures, asserts nothing.
 //!
 //! For each VMM, interleaved round by round:
-//! - **API latency under load**: 1000 clients connect and stay connected, idle, while a few
-//!   streams send `GET /machine-config` back to back (a new connection each, as most clients
-//!   do) for a fixed time. Printed: p50 and p99 of the answered requests, how many were answered
-//!   and refused (503), and how many of the 1000 idle clients the VMM kept open.
+//! - **API latency in bursts**: 1000 clients connect at once and each wants one answer to
+//!   `GET /machine-config`, asking again at once when refused, burst after burst for a fixed
+//!   time. Printed: p50 and p99 of the time from the burst's start to each client's answer, and
+//!   the 503s met on the way.
+//! - **API latency beside idle clients**: 1000 clients connect and stay connected, idle, while a
+//!   few streams send `GET /machine-config` back to back (a new connection each, as most clients
+//!   do). Printed as above, plus how many of the idle clients the VMM kept open.
 //! - **VM start/stop cycles per minute**: start the VMM, wait for its socket, `PUT /boot-source`
 //!   (a tiny ELF kernel that parks its vCPU), `PUT /machine-config` (1 vCPU, 16 MiB),
 //!   `InstanceStart`, SIGTERM, wait for the process to be gone.
@@ -85,7 +88,61 @@ struct LoadFigures {
     idle_kept: usize,
 }
 
-fn api_under_load(vmm: &Vmm, dir: &Path, seconds: u64) -> LoadFigures {
+/// Bursts of [`IDLE_CLIENTS`] clients that connect at once and each want one answer to
+/// `GET /machine-config`, sending again at once when refused, burst after burst for `seconds`:
+/// the time from the start of its burst until each client had its answer. `refused` counts the
+/// 503s met on the way, `failed` the connections closed without a status.
+fn api_bursts(vmm: &Vmm, dir: &Path, seconds: u64) -> LoadFigures {
+    const REQUEST: &[u8] = b"GET /machine-config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let sock = dir.join(format!("{}-burst.sock", vmm.name));
+    let mut child = vmm.start(&sock);
+    let mut figures = LoadFigures {
+        latencies: Vec::new(),
+        refused: 0,
+        failed: 0,
+        idle_kept: 0,
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let burst = Instant::now();
+        let mut waiting = IDLE_CLIENTS;
+        while waiting > 0 && burst.elapsed() < DEADLINE {
+            let clients: Vec<UnixStream> = (0..waiting)
+                .filter_map(|_| {
+                    let mut stream = UnixStream::connect(&sock).ok()?;
+                    stream.write_all(REQUEST).ok()?;
+                    Some(stream)
+                })
+                .collect();
+            figures.failed += waiting - clients.len();
+            for mut stream in clients {
+                stream.set_read_timeout(Some(DEADLINE)).ok();
+                let mut head = [0u8; 12];
+                let status: Option<u16> = stream
+                    .read_exact(&mut head)
+                    .ok()
+                    .and_then(|()| std::str::from_utf8(&head).ok()?.get(9..12)?.parse().ok());
+                match status {
+                    Some(200) => {
+                        figures.latencies.push(burst.elapsed());
+                        waiting -= 1;
+                    }
+                    Some(503) => figures.refused += 1,
+                    _ => figures.failed += 1,
+                }
+            }
+        }
+    }
+    figures.latencies.sort();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    figures
+}
+
+/// [`IDLE_CLIENTS`] clients that connect and stay, idle, while [`STREAMS`] streams send requests
+/// back to back for `seconds`.
+fn api_beside_idle_clients(vmm: &Vmm, dir: &Path, seconds: u64) -> LoadFigures {
     let sock = dir.join(format!("{}-load.sock", vmm.name));
     let mut child = vmm.start(&sock);
     let idle: Vec<UnixStream> = (0..IDLE_CLIENTS)
@@ -222,45 +279,71 @@ fn main() {
 
     println!("{}", host_context());
     println!(
-        "{rounds} rounds; load: {IDLE_CLIENTS} idle clients + {STREAMS} request streams for \
-         {load_seconds} s; {cycles} start/stop cycles"
+        "{rounds} rounds; {load_seconds} s of bursts of {IDLE_CLIENTS} clients, {load_seconds} s \
+         of {STREAMS} request streams beside {IDLE_CLIENTS} idle clients, {cycles} start/stop \
+         cycles"
     );
-    let mut p50 = [Vec::new(), Vec::new()];
-    let mut p99 = [Vec::new(), Vec::new()];
-    let mut per_minute = [Vec::new(), Vec::new()];
+    // Per VMM: burst p50, burst p99, idle-load p50, idle-load p99, cycles per minute.
+    let mut figures: [[Vec<f64>; 5]; 2] = Default::default();
     for round in 1..=rounds {
         for (i, vmm) in vmms.iter().enumerate() {
-            let load = api_under_load(vmm, &dir, load_seconds);
-            let (a, b) = (
-                percentile(&load.latencies, 50),
-                percentile(&load.latencies, 99),
-            );
+            let bursts = api_bursts(vmm, &dir, load_seconds);
+            let idle = api_beside_idle_clients(vmm, &dir, load_seconds);
             let rate = cycles_per_minute(vmm, &dir, &kernel, cycles);
             println!(
-                "round {round} {:<11} p50 {:>7.0} us  p99 {:>7.0} us  answered {:>6}  \
-                 refused {:>6}  failed {:>4}  idle kept {:>4}/{IDLE_CLIENTS}  cycles/min {rate:>5.0}",
+                "round {round} {:<11} bursts: p50 {:>7.0} us p99 {:>7.0} us, {} answered, {} \
+                 refused, {} failed",
                 vmm.name,
-                micros(a),
-                micros(b),
-                load.latencies.len(),
-                load.refused,
-                load.failed,
-                load.idle_kept,
+                micros(percentile(&bursts.latencies, 50)),
+                micros(percentile(&bursts.latencies, 99)),
+                bursts.latencies.len(),
+                bursts.refused,
+                bursts.failed,
             );
-            p50[i].push(micros(a));
-            p99[i].push(micros(b));
-            per_minute[i].push(rate);
+            println!(
+                "round {round} {:<11} beside idle clients: p50 {:>7.0} us p99 {:>7.0} us, {} \
+                 answered, {} refused, {} failed, {} of {IDLE_CLIENTS} idle clients kept",
+                vmm.name,
+                micros(percentile(&idle.latencies, 50)),
+                micros(percentile(&idle.latencies, 99)),
+                idle.latencies.len(),
+                idle.refused,
+                idle.failed,
+                idle.idle_kept,
+            );
+            println!(
+                "round {round} {:<11} start/stop cycles per minute {rate:.0}",
+                vmm.name
+            );
+            let answered = |load: &LoadFigures, p| {
+                // A VMM that answered nothing has no latency: shown as infinite.
+                if load.latencies.is_empty() {
+                    f64::INFINITY
+                } else {
+                    micros(percentile(&load.latencies, p))
+                }
+            };
+            let row = &mut figures[i];
+            row[0].push(answered(&bursts, 50));
+            row[1].push(answered(&bursts, 99));
+            row[2].push(answered(&idle, 50));
+            row[3].push(answered(&idle, 99));
+            row[4].push(rate);
         }
     }
-    println!("medians over {rounds} rounds (Kiln / Firecracker; lower is better for latency):");
-    for (what, figures) in [
-        ("API p50 under load (us)", &mut p50),
-        ("API p99 under load (us)", &mut p99),
-        ("start/stop cycles per minute", &mut per_minute),
-    ] {
-        let (kiln, fc) = (median(&mut figures[0]), median(&mut figures[1]));
+    println!("medians over {rounds} rounds (ratio Kiln / Firecracker; inf: answered nothing):");
+    let names = [
+        "bursts of 1000, time to answer: p50 (us)",
+        "bursts of 1000, time to answer: p99 (us)",
+        "beside 1000 idle clients: p50 (us)",
+        "beside 1000 idle clients: p99 (us)",
+        "start/stop cycles per minute (higher)",
+    ];
+    for (j, what) in names.iter().enumerate() {
+        let kiln = median(&mut figures[0][j]);
+        let fc = median(&mut figures[1][j]);
         println!(
-            "  {what:<30} kiln {kiln:>8.0}  firecracker {fc:>8.0}  ratio {:.2}",
+            "  {what:<42} kiln {kiln:>9.0}  firecracker {fc:>9.0}  ratio {:.2}",
             kiln / fc
         );
     }
