@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub use vmm::test_elf::tiny_elf;
 
 pub mod bench;
+pub mod seccomp_log;
 pub mod vsock_proto;
 
 /// The kiln binary: `$KILN_BIN`, or `kiln` in the target directory these tests were built into

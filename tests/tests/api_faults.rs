@@ -20,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_tests::bench::percentile;
+use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::{
     api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_for_thread,
     wait_until,
@@ -80,7 +81,7 @@ impl Kiln {
             status.is_none(),
             "{when}: Kiln ended with {status:?} (signal {:?}){}",
             status.and_then(|s| s.signal()),
-            seccomp_log(self.child.id())
+            seccomp_log::audit_note(self.child.id())
         );
     }
 
@@ -98,49 +99,7 @@ impl Kiln {
         let status = wait_for_exit(&mut self.child, DEADLINE);
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
         assert!(!self.sock.exists());
-        report_seccomp_log(self.child.id());
-    }
-}
-
-fn logging_mode() -> bool {
-    std::env::var("KILN_SECCOMP_LOG").is_ok_and(|v| v == "1")
-}
-
-/// The seccomp flags every Kiln here gets: none (the built-in filters, killing) or, in logging
-/// mode, the built-in lists with a logging default action.
-fn seccomp_args(dir: &Path) -> Vec<String> {
-    if !logging_mode() {
-        return Vec::new();
-    }
-    let mut filters: serde_json::Value =
-        serde_json::from_str(vmm::seccomp::DEFAULT_FILTERS_JSON).expect("built-in filters");
-    for kind in ["api", "vmm", "vcpu"] {
-        filters[kind]["default_action"] = "log".into();
-    }
-    let file = dir.join("log-filters.json");
-    std::fs::write(&file, filters.to_string()).expect("write filters");
-    vec!["--seccomp-filter".into(), file.display().to_string()]
-}
-
-/// The kernel's seccomp audit lines for `pid`, for a failure message.
-fn seccomp_log(pid: u32) -> String {
-    let out = Command::new("dmesg").output().map(|o| o.stdout);
-    let text = String::from_utf8_lossy(out.as_deref().unwrap_or_default()).into_owned();
-    let pid = format!(" pid={pid} ");
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("type=1326") && l.contains(&pid))
-        .collect();
-    if lines.is_empty() {
-        String::new()
-    } else {
-        format!("; seccomp audit: {lines:#?}")
-    }
-}
-
-fn report_seccomp_log(pid: u32) {
-    if logging_mode() {
-        eprintln!("seccomp logging mode, pid {pid}{}", seccomp_log(pid));
+        seccomp_log::report(self.child.id());
     }
 }
 
@@ -373,8 +332,16 @@ fn accept_failing_for_want_of_fds_pauses_and_kiln_serves_again() {
 /// metrics flush (which writes the metrics sink).
 fn busy_api(kiln: &mut Kiln, when: &str) {
     for i in 0..300 {
-        let (status, _) = api_call(&kiln.sock, "GET", "/machine-config", "");
-        assert_eq!(status, 200, "{when}: request {i}");
+        let sock = kiln.sock.clone();
+        let answer =
+            std::panic::catch_unwind(move || api_call(&sock, "GET", "/machine-config", "").0);
+        match answer {
+            Ok(status) => assert_eq!(status, 200, "{when}: request {i}"),
+            Err(_) => {
+                kiln.assert_alive(&format!("{when}: request {i} failed"));
+                panic!("{when}: request {i} failed with Kiln alive");
+            }
+        }
     }
     let (status, body) = api_call(
         &kiln.sock,
@@ -465,7 +432,7 @@ fn signals_before_the_start_report_or_stop_with_their_status() {
         let status = wait_for_exit(&mut kiln.child, DEADLINE);
         assert_eq!(status.code(), Some(128 + number), "{signal}: {status:?}");
         assert!(!kiln.sock.exists(), "{signal}");
-        report_seccomp_log(kiln.child.id());
+        seccomp_log::report(kiln.child.id());
     }
 }
 
@@ -679,7 +646,7 @@ fn signals_during_the_build_neither_break_it_nor_get_lost() {
             panic!(
                 "round {round}: InstanceStart answered {reply:?}; Kiln {status:?}, log:\n{}{}",
                 std::fs::read_to_string(&log).unwrap_or_default(),
-                seccomp_log(kiln.child.id())
+                seccomp_log::audit_note(kiln.child.id())
             );
         }
         wait_for_thread(kiln.child.id(), "kiln_vcpu 1", DEADLINE);
@@ -719,7 +686,7 @@ fn signals_during_the_build_neither_break_it_nor_get_lost() {
             status.code(),
             Some(128 + number),
             "{signal} {delay_us} us into the start: {status:?}{}",
-            seccomp_log(kiln.child.id())
+            seccomp_log::audit_note(kiln.child.id())
         );
         assert!(!kiln.sock.exists(), "{signal} {delay_us} us: socket left");
         // The start's answer, if it came before the end, was a success.
@@ -732,7 +699,7 @@ fn signals_during_the_build_neither_break_it_nor_get_lost() {
             "{signal} {delay_us} us into the start: {status:?}, answer {:?}",
             status_of(&reply)
         );
-        report_seccomp_log(kiln.child.id());
+        seccomp_log::report(kiln.child.id());
     }
     assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 64 << 10]);
 }
@@ -779,6 +746,8 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
     let dir = scratch_dir("faults-cycles");
     let hello = kiln_tests::write_file(&dir, "hello.elf", &kiln_tests::hello_elf());
     let parked = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
+    // In logging mode each start writes its filter file here; it is the test's, not a leak.
+    let _ = seccomp_args(&dir);
     let before = (dir_names(&dir), fds_into(&dir), processes_using(&dir));
     let started = Instant::now();
     const CYCLES: usize = 100;

@@ -11,6 +11,8 @@
 //! - vsock host clients past Kiln's fd limit: accepting fails with EMFILE, the listener pauses
 //!   instead of spinning, and the waiting clients are served once fds are free again.
 //!
+//! With `KILN_SECCOMP_LOG=1` the filters log instead of killing (tests/src/seccomp_log.rs).
+//!
 //! The guest runs a script from a raw drive and prints `KILN-T ...` lines on its console; it
 //! waits for the host at barriers (host vsock ports the test serves only when its side is done).
 //! No traffic leaves the network namespace the test creates.
@@ -25,6 +27,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_tests::bench::{clock_ticks_per_second, cpu_ticks, find_thread, VMM_THREAD};
+use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::vsock_proto::read_line;
 use kiln_tests::{
     die_with_test, ensure_command, kiln_bin, kvm_available, scratch_dir, sha256_file,
@@ -451,7 +454,9 @@ fn a_guest_meets_a_full_disk_eio_a_deleted_tap_and_an_fd_limit_and_goes_on() {
         "--cmdline",
         "console=ttyS0 reboot=k panic=1 pci=off nomodule kiln.script=/dev/vdb",
     ];
+    let seccomp = seccomp_args(&dir);
     let mut cmd = ns.command(&args);
+    cmd.args(&seccomp);
     die_with_test(&mut cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -518,7 +523,13 @@ fn a_guest_meets_a_full_disk_eio_a_deleted_tap_and_an_fd_limit_and_goes_on() {
         "kiln ran {:.1} s, {status:?}; log:\n{log_text}\nconsole:\n{console}",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(status.code(), Some(0), "Kiln's exit");
+    seccomp_log::report(pid);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "Kiln's exit{}",
+        seccomp_log::audit_note(pid)
+    );
     assert!(console.contains("KILN-GUEST-SCRIPT-EXIT"), "script ended");
 
     // Full disk: the flushed write is there, in the guest and on the host; the rest refused.

@@ -5,6 +5,8 @@
 //! panic in-process; this proves that what follows a parse in the real process (the control loop,
 //! the error paths with their system calls, the logger) survives the same inputs.
 //!
+//! With `KILN_SECCOMP_LOG=1` the filters log instead of killing (tests/src/seccomp_log.rs).
+//!
 //! Asserted: Kiln stays up through every API input and answers each with a well-formed HTTP
 //! response (or closes a connection it could make nothing of), then serves `GET /` and ends on
 //! SIGTERM with 128+15; every config file ends Kiln by exit status, not by a signal, within the
@@ -25,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use api::routes::ROUTES;
+use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::{api_call, kiln_bin, send_signal, wait_for_exit, wait_for_socket};
 
 /// Inputs replayed per target at most (seeds first, then the corpus by name).
@@ -174,6 +177,7 @@ impl Replayer {
         let mut cmd = Command::new(kiln_bin());
         cmd.arg("--api-sock")
             .arg(&sock)
+            .args(seccomp_args(&dir))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -213,9 +217,10 @@ impl Replayer {
         let status = self.child.try_wait().expect("try_wait");
         assert!(
             status.is_none(),
-            "{}: Kiln ended with {status:?} (signal {:?})",
+            "{}: Kiln ended with {status:?} (signal {:?}){}",
             input.display(),
-            status.and_then(|s| s.signal())
+            status.and_then(|s| s.signal()),
+            seccomp_log::audit_note(self.child.id())
         );
     }
 
@@ -226,6 +231,7 @@ impl Replayer {
         send_signal(&self.child, "-TERM");
         let status = wait_for_exit(&mut self.child, DEADLINE);
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+        seccomp_log::report(self.child.id());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -303,21 +309,25 @@ fn config_file_inputs_end_kiln_with_a_status() {
         cmd.arg("--no-api")
             .arg("--config-file")
             .arg(&file)
+            .args(seccomp_args(&dir))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let out = confine(&mut cmd).spawn().expect("spawn kiln");
-        let out = kiln_tests::wait_with_deadline(out, DEADLINE);
+        let child = confine(&mut cmd).spawn().expect("spawn kiln");
+        let pid = child.id();
+        let out = kiln_tests::wait_with_deadline(child, DEADLINE);
+        seccomp_log::report(pid);
         let status = out
             .status
             .unwrap_or_else(|| panic!("{}: Kiln still running after {DEADLINE:?}", path.display()));
         assert!(
             status.code().is_some(),
-            "{}: Kiln ended by signal {:?}; stderr: {}",
+            "{}: Kiln ended by signal {:?}; stderr: {}{}",
             path.display(),
             status.signal(),
-            out.stderr
+            out.stderr,
+            seccomp_log::audit_note(pid)
         );
         if status.code() != Some(0) {
             refused += 1;
