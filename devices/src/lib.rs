@@ -5,6 +5,7 @@
 //! it with the offset inside that device's range. Devices never see absolute guest addresses.
 
 pub mod bus;
+pub mod host_file;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;

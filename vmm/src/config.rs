@@ -45,6 +45,25 @@ impl FromStr for ConsoleConfig {
     }
 }
 
+/// The largest config or seccomp filter file Kiln reads (Firecracker's biggest are a few KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a small text file a user named (a config file, a filter file): never blocking on a FIFO,
+/// never reading a character device without end, refusing one larger than `max_bytes`.
+pub fn read_small_file(path: &std::path::Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = devices::host_file::open(path, false, devices::host_file::Accept::RegularFile)?;
+    let mut text = String::new();
+    file.take(max_bytes + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max_bytes} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 impl ConsoleConfig {
     /// Opens the console's sink.
     pub fn open(&self) -> std::io::Result<Box<dyn Write + Send>> {
@@ -53,24 +72,41 @@ impl ConsoleConfig {
             Self::None => Box::new(std::io::sink()),
             // Owner-only, and never through a symlink: a path an attacker can pre-create must
             // not make Kiln write (or truncate) another file.
-            Self::File(path) => Box::new(
-                OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(path)
-                    .map_err(|e| {
-                        if e.raw_os_error() == Some(libc::ELOOP) {
-                            std::io::Error::new(e.kind(), "it is a symbolic link")
-                        } else {
-                            e
-                        }
-                    })?,
-            ),
+            Self::File(path) => Box::new(open_console_file(path)?),
         })
     }
+}
+
+/// Opens a console file: owner-only, and never through a symlink (a path an attacker can
+/// pre-create must not make Kiln write, or truncate, another file). Nonblocking: a FIFO's open
+/// does not wait for a reader (without one, Kiln holds the read end itself and the pipe's
+/// buffer takes what it can), and a reader that stops reading makes the guest's output be
+/// dropped instead of stalling the vCPU that writes it.
+fn open_console_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let open = |read: bool| {
+        OpenOptions::new()
+            .read(read)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)
+    };
+    let file = match open(false) {
+        // A FIFO nobody reads yet.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true),
+        result => result,
+    }
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            std::io::Error::new(e.kind(), "it is a symbolic link")
+        } else {
+            e
+        }
+    })?;
+    // (A directory is refused by the open itself: EISDIR.)
+    Ok(file)
 }
 
 /// Errors in a configuration.

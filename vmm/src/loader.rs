@@ -87,9 +87,19 @@ fn is_bzimage(file: &mut File) -> std::io::Result<bool> {
     Ok(is)
 }
 
+/// Opens a boot image without blocking (a FIFO would hang the build, a character device would
+/// never end its copy): regular files only.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    Ok(devices::host_file::open(
+        path,
+        false,
+        devices::host_file::Accept::RegularFile,
+    )?)
+}
+
 /// Loads the kernel image at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
-    let mut file = File::open(path).map_err(io_error("kernel image", path))?;
+    let mut file = open_regular(path).map_err(io_error("kernel image", path))?;
     let mut head = [0u8; 8];
     let got = file
         .read(&mut head)
@@ -149,7 +159,7 @@ pub fn load_initrd(
     kernel_end: u64,
 ) -> Result<(u64, u64), LoaderError> {
     const PAGE: u64 = 4096;
-    let mut file = File::open(path).map_err(io_error("initrd", path))?;
+    let mut file = open_regular(path).map_err(io_error("initrd", path))?;
     let size = file.metadata().map_err(io_error("initrd", path))?.len();
     let lowest = kernel_end.next_multiple_of(PAGE);
     let room = low_ram_end.saturating_sub(lowest);

@@ -276,7 +276,7 @@ fn api_thread(filters: &Arc<SeccompFilters>) -> ThreadSpawner {
 
 /// Reads a `--config-file` (the shape of GET /vm/config) into resources.
 fn read_config_file(path: &std::path::Path) -> Result<VmResources, String> {
-    let text = std::fs::read_to_string(path)
+    let text = vmm::config::read_small_file(path, vmm::config::MAX_CONFIG_FILE_BYTES)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
     VmResources::from_config_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }

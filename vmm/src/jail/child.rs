@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -74,10 +75,16 @@ fn enter(plan: &ChildPlan, keep_fd: RawFd) -> Result<std::convert::Infallible, C
         std::fs::write(procs, "0").map_err(step(format!("joining cgroup {}", procs.display())))?;
     }
     if let Some(netns) = &plan.netns {
-        let file = std::fs::File::open(netns).map_err(step(format!(
-            "opening network namespace {}",
-            netns.display()
-        )))?;
+        // Nonblocking: a FIFO given as the namespace must not hang the child (and with it the
+        // supervisor, whose stop signals are masked); setns refuses what is not a namespace.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(netns)
+            .map_err(step(format!(
+                "opening network namespace {}",
+                netns.display()
+            )))?;
         setns(&file, CloneFlags::CLONE_NEWNET).map_err(step(format!(
             "joining network namespace {}",
             netns.display()

@@ -125,11 +125,12 @@ impl SeccompFilters {
 
     /// The filters of a JSON file (`--seccomp-filter`).
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let file = std::fs::File::open(path).map_err(|source| Error::ReadFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_json(file, &path.display().to_string())
+        let text = crate::config::read_small_file(path, crate::config::MAX_CONFIG_FILE_BYTES)
+            .map_err(|source| Error::ReadFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Self::from_json(text.as_bytes(), &path.display().to_string())
     }
 
     /// Compiles seccompiler JSON that defines exactly the three thread kinds.

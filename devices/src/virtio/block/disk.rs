@@ -4,12 +4,14 @@
 //! opened; every access is checked against it before it reaches the file; a read-only disk's file
 //! is opened without write access, so no code path can modify it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+
+use crate::host_file::{self, Accept, HostFileError};
 
 use super::request::{DataBuffer, Segment};
 use super::SECTOR_SIZE;
@@ -25,8 +27,8 @@ pub enum DiskError {
         source: std::io::Error,
     },
     /// Not a regular file or block device.
-    #[error("disk image {path}: not a regular file or block device")]
-    NotAFile { path: PathBuf },
+    #[error("disk image {path} is {found}, not a regular file or block device")]
+    NotAFile { path: PathBuf, found: &'static str },
     /// Another process holds a conflicting lock (another VMM is using it).
     #[error("disk image {path} is in use by another process (locked)")]
     Locked { path: PathBuf },
@@ -88,20 +90,17 @@ impl DiskFile {
             path: path.to_owned(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
-        let file_type = file.metadata().map_err(open_err)?.file_type();
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if !(file_type.is_file() || file_type.is_block_device()) {
+        // Never blocks, even on a FIFO: the control loop opens drives (PUT, PATCH, the start).
+        let mut file = match host_file::open(path, !read_only, Accept::RegularOrBlockDevice) {
+            Ok(file) => file,
+            Err(HostFileError::Io(e)) => return Err(open_err(e)),
+            Err(HostFileError::WrongKind { found, .. }) => {
                 return Err(DiskError::NotAFile {
                     path: path.to_owned(),
-                });
+                    found,
+                })
             }
-        }
+        };
         let locked = if read_only {
             file.try_lock_shared()
         } else {
