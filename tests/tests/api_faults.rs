@@ -23,7 +23,7 @@ use kiln_tests::bench::percentile;
 use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::{
     api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_for_thread,
-    wait_until,
+    wait_until, NetNs,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -42,13 +42,27 @@ impl Kiln {
     /// `kiln --api-sock DIR/api.sock EXTRA...`; `nofile` lowers its fd limit, `stderr` is where
     /// its log goes.
     fn start(dir: &Path, extra: &[&str], nofile: Option<u64>, stderr: Stdio) -> Kiln {
+        Self::launch(dir, extra, nofile, Stdio::null(), stderr, None)
+    }
+
+    /// [`Self::start`] with stdout (where the guest console goes by default) as given, and in
+    /// network namespace `netns` if one is given.
+    fn launch(
+        dir: &Path,
+        extra: &[&str],
+        nofile: Option<u64>,
+        stdout: Stdio,
+        stderr: Stdio,
+        netns: Option<&NetNs>,
+    ) -> Kiln {
         let sock = dir.join("api.sock");
-        let mut cmd = Command::new(kiln_bin());
+        let mut cmd = match netns {
+            Some(ns) => ns.command(&[kiln_bin().to_str().expect("kiln path")]),
+            None => Command::new(kiln_bin()),
+        };
         cmd.arg("--api-sock").arg(&sock).args(extra);
         cmd.args(seccomp_args(dir));
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         kiln_tests::die_with_test(&mut cmd);
         if let Some(limit) = nofile {
             // SAFETY: runs in the forked child before exec; close_range and setrlimit are
@@ -409,6 +423,136 @@ fn full_unread_closed_and_removed_sinks_never_stop_kiln() {
     kiln.stop();
 }
 
+/// Bytes the flooding guest writes to its console: more than a pipe holds.
+const FLOOD_BYTES: u32 = 100_000;
+
+/// A tiny kernel that writes [`FLOOD_BYTES`] bytes to the serial port, then resets.
+fn flooding_elf() -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.push(0xb9); // mov ecx, FLOOD_BYTES
+    code.extend_from_slice(&FLOOD_BYTES.to_le_bytes());
+    code.extend_from_slice(&[0xb0, b'x']); // mov al, 'x'
+    code.extend_from_slice(&[0xee, 0xe2, 0xfd]); // out dx, al; loop back to the out
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]); // reset; hlt loop
+    kiln_tests::tiny_elf(kiln_tests::TINY_LOAD_ADDR, &code)
+}
+
+#[test]
+fn a_flooding_guest_outlives_full_unread_closed_and_removed_consoles() {
+    if !kiln_tests::kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("faults-console");
+    let kernel = kiln_tests::write_file(&dir, "flood.elf", &flooding_elf());
+    let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+    // Each console fails its own way while the guest writes; the guest finishes its output and
+    // resets, and Kiln exits 0: a console never stalls a vCPU or ends Kiln.
+    let fifo = dir.join("console.fifo");
+    let run = |what: &str, serial: Option<&Path>, stdout: Stdio, during: &dyn Fn(&mut Kiln)| {
+        let log = dir.join("kiln.log");
+        let mut kiln = Kiln::launch(
+            &dir,
+            &[],
+            None,
+            stdout,
+            std::fs::File::create(&log).unwrap().into(),
+            None,
+        );
+        expect(&mut kiln, "PUT", "/boot-source", &boot, 204);
+        expect(
+            &mut kiln,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":16}"#,
+            204,
+        );
+        if let Some(path) = serial {
+            let body = format!(r#"{{"serial_out_path":"{}"}}"#, path.display());
+            expect(&mut kiln, "PUT", "/serial", &body, 204);
+        }
+        expect(
+            &mut kiln,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+            204,
+        );
+        during(&mut kiln);
+        let status = wait_for_exit(&mut kiln.child, DEADLINE);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{what}: {status:?}; log:\n{}{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            seccomp_log::audit_note(kiln.child.id())
+        );
+        seccomp_log::report(kiln.child.id());
+    };
+    let nothing = |_: &mut Kiln| {};
+
+    run(
+        "console on /dev/full",
+        Some(Path::new("/dev/full")),
+        Stdio::null(),
+        &nothing,
+    );
+
+    // A FIFO nobody opened for reading: Kiln holds its read end; the pipe fills.
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    run(
+        "console into an unopened FIFO",
+        Some(&fifo),
+        Stdio::null(),
+        &nothing,
+    );
+
+    // A reader that never reads, then one that goes away mid-flood (EPIPE).
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO's read end");
+    run(
+        "console into an unread FIFO",
+        Some(&fifo),
+        Stdio::null(),
+        &nothing,
+    );
+    let reader = std::cell::RefCell::new(Some(reader));
+    run(
+        "console into a FIFO whose reader leaves",
+        Some(&fifo),
+        Stdio::null(),
+        &|_| {
+            thread::sleep(Duration::from_millis(200));
+            drop(reader.borrow_mut().take());
+        },
+    );
+
+    // The default console, stdout, a pipe whose reader is gone (EPIPE on every write).
+    run(
+        "console on a closed stdout pipe",
+        None,
+        Stdio::piped(),
+        &|kiln| {
+            drop(kiln.child.stdout.take());
+        },
+    );
+
+    // A console file removed while the guest writes to it.
+    let file = dir.join("console.txt");
+    run(
+        "console into a removed file",
+        Some(&file),
+        Stdio::null(),
+        &|_| {
+            wait_until(DEADLINE, "the console file", || file.exists());
+            std::fs::remove_file(&file).unwrap();
+        },
+    );
+}
+
 #[test]
 fn signals_before_the_start_report_or_stop_with_their_status() {
     let dir = scratch_dir("faults-signals");
@@ -746,6 +890,22 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
     let dir = scratch_dir("faults-cycles");
     let hello = kiln_tests::write_file(&dir, "hello.elf", &kiln_tests::hello_elf());
     let parked = kiln_tests::write_file(&dir, "parked.elf", &parked_elf());
+    let disk = kiln_tests::write_file(&dir, "disk.img", &[0u8; 64 << 10]);
+    // Every VM has a TAP (the same one, in a namespace of the test's own), a read-write drive
+    // (locked while in use: a lock left behind fails the next start) and vsock (its socket
+    // removed at exit).
+    const TAP: &str = "kilncyc0";
+    let ns = NetNs::create(&format!("kiln-cycles-{}", std::process::id()));
+    ns.run(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+    let tap_state = || {
+        let out = ns
+            .command(&["ip", "-o", "link", "show", TAP])
+            .output()
+            .expect("ip link show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tap_before = tap_state();
+    assert!(tap_before.contains(TAP), "{tap_before}");
     // In logging mode each start writes its filter file here; it is the test's, not a leak.
     let _ = seccomp_args(&dir);
     let before = (dir_names(&dir), fds_into(&dir), processes_using(&dir));
@@ -754,7 +914,7 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
     for cycle in 0..CYCLES {
         // Even cycles: the guest resets itself (exit 0). Odd ones: it parks and SIGTERM ends it.
         let kernel = if cycle % 2 == 0 { &hello } else { &parked };
-        let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+        let mut kiln = Kiln::launch(&dir, &[], None, Stdio::null(), Stdio::null(), Some(&ns));
         let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
         expect(&mut kiln, "PUT", "/boot-source", &boot, 204);
         expect(
@@ -764,6 +924,18 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
             r#"{"vcpu_count":1,"mem_size_mib":16}"#,
             204,
         );
+        let drive = format!(
+            r#"{{"drive_id":"d1","path_on_host":"{}","is_root_device":false}}"#,
+            disk.display()
+        );
+        expect(&mut kiln, "PUT", "/drives/d1", &drive, 204);
+        let net = format!(r#"{{"iface_id":"eth0","host_dev_name":"{TAP}"}}"#);
+        expect(&mut kiln, "PUT", "/network-interfaces/eth0", &net, 204);
+        let vsock = format!(
+            r#"{{"guest_cid":3,"uds_path":"{}"}}"#,
+            dir.join("v.sock").display()
+        );
+        expect(&mut kiln, "PUT", "/vsock", &vsock, 204);
         let (status, body) = api_call(
             &kiln.sock,
             "PUT",
@@ -783,7 +955,9 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
             before,
             "cycle {cycle} left files or fds"
         );
+        assert_eq!(tap_state(), tap_before, "cycle {cycle} changed the TAP");
     }
+    drop(ns);
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
         "{CYCLES} VM start/stop cycles in {elapsed:.1} s ({:.0} per minute)",
