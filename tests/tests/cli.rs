@@ -196,7 +196,7 @@ fn bad_input_is_one_line_and_status_2() {
         ),
         (
             vec!["--kernel", &good, "--drive", "path=/dev/null"],
-            "disk image /dev/null: not a regular file or block device",
+            "disk image /dev/null is a character device, not a regular file or block device",
         ),
         (
             vec!["--kernel", &good, "--drive", "ro"],
