@@ -7,8 +7,13 @@
 //! - [`routes`]: method and path to one [`routes::ApiRequest`], or a 400 with Firecracker's fault
 //!   message; `api/openapi.yaml` lists exactly the routes served (a test keeps them equal).
 //!
-//! This crate never touches a VM: the VMM receives each [`routes::ApiRequest`] and answers it.
+//! - [`outcome`]: what the VMM answers a request with ([`outcome::VmmData`] or
+//!   [`outcome::VmmActionError`]), turned into HTTP here and nowhere else.
+//!
+//! This crate never touches a VM: the VMM receives each [`routes::ApiRequest`] and answers it
+//! with a [`outcome::VmmOutcome`].
 
 pub mod http;
 pub mod models;
+pub mod outcome;
 pub mod routes;

@@ -1,19 +1,22 @@
 //! Answers Firecracker API requests, in two phases that are two methods: [`ApiController::pre_boot`]
 //! accumulates [`VmResources`] until `InstanceStart`; [`ApiController::runtime`] acts on the running
-//! VM. A request that belongs to the other phase is answered with Firecracker's fault message.
+//! VM. A request that belongs to the other phase is refused with Firecracker's fault message.
+//!
+//! Nothing here speaks HTTP: a request goes in as an [`ApiRequest`] and comes out as a
+//! [`VmmOutcome`], which the api crate alone turns into a status code and body.
 
+use std::sync::mpsc::Receiver;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use api::http::HttpResponse;
 use api::models::{
     ActionType, FirecrackerVersion, InstanceInfo, InstanceState, PartialDrive,
     PartialNetworkInterface, RateLimiterConfig, VmState,
 };
+use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
-use serde::Serialize;
 
-use crate::machine::RunningVm;
+use crate::machine::{RunningVm, VmmEvent};
 use crate::metrics::{MetricsError, METRICS};
 use crate::resources::{ResourceError, VmResources};
 
@@ -26,11 +29,12 @@ const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
 
 /// What a pre-boot request leads to.
+#[derive(Debug)]
 pub enum PreBoot {
     /// Answer it.
-    Reply(HttpResponse),
-    /// `InstanceStart`: build and start the VM from the resources, then answer 204 (or the
-    /// build error as a 400).
+    Reply(VmmOutcome),
+    /// `InstanceStart`: build and start the VM from the resources, then answer (success, or
+    /// the build error as a refusal).
     Start,
 }
 
@@ -40,22 +44,14 @@ pub struct ApiController {
     resources: VmResources,
 }
 
-fn json<T: Serialize>(value: &T) -> HttpResponse {
-    match serde_json::to_vec(value) {
-        Ok(body) => HttpResponse::json(200, body),
-        Err(e) => HttpResponse::fault(500, &format!("serializing the answer: {e}")),
-    }
+fn refused(message: impl std::fmt::Display) -> VmmOutcome {
+    Err(VmmActionError::refused(message))
 }
 
-fn fault(message: impl std::fmt::Display) -> HttpResponse {
-    HttpResponse::fault(400, &message.to_string())
-}
-
-fn done(result: Result<(), ResourceError>) -> HttpResponse {
-    match result {
-        Ok(()) => HttpResponse::no_content(),
-        Err(e) => fault(e),
-    }
+fn done(result: Result<(), ResourceError>) -> VmmOutcome {
+    result
+        .map(|()| VmmData::Empty)
+        .map_err(VmmActionError::refused)
 }
 
 impl ApiController {
@@ -69,8 +65,8 @@ impl ApiController {
         &self.resources
     }
 
-    fn instance_info(&self, state: InstanceState) -> HttpResponse {
-        json(&InstanceInfo {
+    fn instance_info(&self, state: InstanceState) -> VmmData {
+        VmmData::InstanceInfo(InstanceInfo {
             app_name: "Kiln".to_string(),
             id: self.id.clone(),
             state,
@@ -79,16 +75,18 @@ impl ApiController {
     }
 
     /// Requests either phase answers the same way; `None` for the others.
-    fn common(&self, request: &ApiRequest, state: InstanceState) -> Option<HttpResponse> {
-        Some(match request {
+    fn common(&self, request: &ApiRequest, state: InstanceState) -> Option<VmmOutcome> {
+        Some(Ok(match request {
             ApiRequest::GetInstanceInfo => self.instance_info(state),
-            ApiRequest::GetVersion => json(&FirecrackerVersion {
+            ApiRequest::GetVersion => VmmData::Version(FirecrackerVersion {
                 firecracker_version: API_VERSION.to_string(),
             }),
-            ApiRequest::GetMachineConfig => json(&self.resources.machine_config),
-            ApiRequest::GetVmConfig => json(&self.resources.full_config()),
+            ApiRequest::GetMachineConfig => {
+                VmmData::MachineConfig(self.resources.machine_config.clone())
+            }
+            ApiRequest::GetVmConfig => VmmData::VmConfig(Box::new(self.resources.full_config())),
             _ => return None,
-        })
+        }))
     }
 
     /// Handles a request before `InstanceStart`.
@@ -101,38 +99,38 @@ impl ApiController {
             ApiRequest::Action(ActionType::InstanceStart) => return PreBoot::Start,
             ApiRequest::PutBootSource(boot) => {
                 r.boot_source = Some(boot);
-                HttpResponse::no_content()
+                Ok(VmmData::Empty)
             }
             ApiRequest::PutMachineConfig(config) => {
                 r.machine_config = config;
-                HttpResponse::no_content()
+                Ok(VmmData::Empty)
             }
             ApiRequest::PatchMachineConfig(patch) => done(r.patch_machine_config(&patch)),
             ApiRequest::PutDrive(drive) => done(r.put_drive(drive)),
             ApiRequest::PutNetworkInterface(net) => done(r.put_net(net)),
             ApiRequest::PutEntropy(entropy) => {
                 r.entropy = Some(entropy);
-                HttpResponse::no_content()
+                Ok(VmmData::Empty)
             }
             ApiRequest::PutSerial(serial) => done(r.put_serial(serial)),
             ApiRequest::PutVsock(vsock) => {
                 // Replaces any earlier one; the socket is bound at InstanceStart.
                 r.vsock = Some(vsock);
-                HttpResponse::no_content()
+                Ok(VmmData::Empty)
             }
             ApiRequest::PutLogger(logger) => match crate::logger::configure(&logger) {
-                Ok(()) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Logger error: {e}")),
+                Ok(()) => Ok(VmmData::Empty),
+                Err(e) => refused(format!("Logger error: {e}")),
             },
             ApiRequest::PutMetrics(metrics) => match METRICS.configure(&metrics, &self.id) {
-                Ok(()) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Metrics error: {e}")),
+                Ok(()) => Ok(VmmData::Empty),
+                Err(e) => refused(format!("Metrics error: {e}")),
             },
             ApiRequest::PatchDrive(_)
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PatchVm(_)
             | ApiRequest::Action(ActionType::SendCtrlAltDel | ActionType::FlushMetrics) => {
-                fault(NOT_BEFORE_START)
+                refused(NOT_BEFORE_START)
             }
             ApiRequest::GetInstanceInfo
             | ApiRequest::GetVersion
@@ -143,7 +141,7 @@ impl ApiController {
     }
 
     /// Handles a request while the VM runs.
-    pub fn runtime(&mut self, request: ApiRequest, vm: &mut RunningVm<'_>) -> HttpResponse {
+    pub fn runtime(&mut self, request: ApiRequest, vm: &mut RunningVm<'_>) -> VmmOutcome {
         let state = if vm.is_paused() {
             InstanceState::Paused
         } else {
@@ -158,41 +156,89 @@ impl ApiController {
                 match vm.pause() {
                     Ok(()) => {
                         METRICS.latencies_us.vmm_pause_vm.store(micros(started));
-                        HttpResponse::no_content()
+                        Ok(VmmData::Empty)
                     }
-                    Err(e) => fault(format!("Failed to pause the microVM: {e}")),
+                    Err(e) => refused(format!("Failed to pause the microVM: {e}")),
                 }
             }
             ApiRequest::PatchVm(VmState::Resumed) => {
                 let started = Instant::now();
                 vm.resume();
                 METRICS.latencies_us.vmm_resume_vm.store(micros(started));
-                HttpResponse::no_content()
+                Ok(VmmData::Empty)
             }
             ApiRequest::Action(ActionType::InstanceStart) => {
-                fault("The microVM is already running.")
+                refused("The microVM is already running.")
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {
                 match locked(&vm.devices().i8042).trigger_ctrl_alt_del() {
-                    Ok(()) => HttpResponse::no_content(),
-                    Err(e) => fault(format!("Failed to send Ctrl+Alt+Del: {e}")),
+                    Ok(()) => Ok(VmmData::Empty),
+                    Err(e) => refused(format!("Failed to send Ctrl+Alt+Del: {e}")),
                 }
             }
             // As Firecracker: without a metrics output there is nothing to flush, and that is
             // not an error (clients flush on a timer whether or not metrics were set up).
             ApiRequest::Action(ActionType::FlushMetrics) => match METRICS.flush() {
-                Ok(()) | Err(MetricsError::NotConfigured) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Metrics error: {e}")),
+                Ok(()) | Err(MetricsError::NotConfigured) => Ok(VmmData::Empty),
+                Err(e) => refused(format!("Metrics error: {e}")),
             },
             ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
-                Ok(()) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Unable to patch the block device: {e}")),
+                Ok(()) => Ok(VmmData::Empty),
+                Err(e) => refused(format!("Unable to patch the block device: {e}")),
             },
             ApiRequest::PatchNetworkInterface(patch) => match self.patch_net(&patch, vm) {
-                Ok(()) => HttpResponse::no_content(),
-                Err(e) => fault(format!("Unable to patch the network interface: {e}")),
+                Ok(()) => Ok(VmmData::Empty),
+                Err(e) => refused(format!("Unable to patch the network interface: {e}")),
             },
-            _ => fault(NOT_AFTER_START),
+            _ => refused(NOT_AFTER_START),
+        }
+    }
+}
+
+/// How the pre-boot phase ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreBootEnd<T> {
+    /// `InstanceStart` built the VM (the caller runs it).
+    Started(T),
+    /// A stop signal (SIGINT, SIGTERM, SIGHUP) arrived first.
+    Signal(i32),
+    /// Every sender of the control channel is gone: nothing can ask for a start any more.
+    ChannelClosed,
+}
+
+/// The pre-boot control loop: answers the API calls that arrive on `events` until an
+/// `InstanceStart` builds a VM with `start`, or a stop signal arrives. A failed start is
+/// answered with its error as a refusal and the loop goes on, so the client can fix what was
+/// wrong and start again. SIGUSR1 (a report) has nothing to report before the start.
+pub fn run_pre_boot<T>(
+    events: &Receiver<VmmEvent>,
+    controller: &mut ApiController,
+    mut start: impl FnMut(&ApiController) -> Result<T, String>,
+) -> PreBootEnd<T> {
+    loop {
+        let Ok(event) = events.recv() else {
+            return PreBootEnd::ChannelClosed;
+        };
+        let call = match event {
+            VmmEvent::Api(call) => call,
+            VmmEvent::Signal(signal) if signal != libc::SIGUSR1 => {
+                return PreBootEnd::Signal(signal)
+            }
+            _ => continue,
+        };
+        match controller.pre_boot(call.request) {
+            PreBoot::Reply(outcome) => {
+                let _ = call.reply.send(outcome);
+            }
+            PreBoot::Start => match start(controller) {
+                Ok(vm) => {
+                    let _ = call.reply.send(Ok(VmmData::Empty));
+                    return PreBootEnd::Started(vm);
+                }
+                Err(e) => {
+                    let _ = call.reply.send(refused(e));
+                }
+            },
         }
     }
 }
@@ -289,18 +335,23 @@ fn micros(started: Instant) -> u64 {
 }
 
 /// `common` answered these already.
-fn unreachable_common() -> HttpResponse {
-    HttpResponse::fault(500, "internal error: request routed to the wrong phase")
+fn unreachable_common() -> VmmOutcome {
+    Err(VmmActionError::Internal(
+        "request routed to the wrong phase".into(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::http::HttpResponse;
+    use api::outcome::to_response;
     use api::routes::parse_request;
 
+    /// The controller's answer as the API would send it.
     fn pre(c: &mut ApiController, method: &str, path: &str, body: &str) -> HttpResponse {
         match c.pre_boot(parse_request(method, path, body.as_bytes()).unwrap()) {
-            PreBoot::Reply(r) => r,
+            PreBoot::Reply(r) => to_response(&r),
             PreBoot::Start => HttpResponse::no_content(),
         }
     }
@@ -356,6 +407,79 @@ mod tests {
             body(&pre(&mut c, "GET", "/version", ""))["firecracker_version"],
             API_VERSION
         );
+    }
+
+    /// Sends `request` as the API thread would; returns where its answer will arrive.
+    fn call(
+        events: &std::sync::mpsc::Sender<VmmEvent>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> std::sync::mpsc::Receiver<VmmOutcome> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let request = parse_request(method, path, body.as_bytes()).unwrap();
+        events
+            .send(VmmEvent::Api(crate::machine::ApiCall { request, reply }))
+            .unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_pre_boot_loop_answers_until_a_start_succeeds() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let info = call(&tx, "GET", "/", "");
+        tx.send(VmmEvent::Signal(libc::SIGUSR1)).unwrap();
+        let boot = call(&tx, "PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#);
+        let first = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+        let second = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+        let mut attempts = 0;
+        let end = run_pre_boot(&rx, &mut c, |c| {
+            attempts += 1;
+            assert!(c.resources().boot_source.is_some());
+            if attempts == 1 {
+                Err("opening the kernel: no such file".to_string())
+            } else {
+                Ok("the VM")
+            }
+        });
+        assert_eq!(end, PreBootEnd::Started("the VM"));
+        assert!(matches!(
+            info.recv().unwrap(),
+            Ok(VmmData::InstanceInfo(InstanceInfo {
+                state: InstanceState::NotStarted,
+                ..
+            }))
+        ));
+        assert_eq!(boot.recv().unwrap(), Ok(VmmData::Empty));
+        assert_eq!(
+            first.recv().unwrap(),
+            Err(VmmActionError::refused("opening the kernel: no such file"))
+        );
+        assert_eq!(second.recv().unwrap(), Ok(VmmData::Empty));
+    }
+
+    #[test]
+    fn the_pre_boot_loop_ends_on_a_stop_signal_or_without_senders() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let version = call(&tx, "GET", "/version", "");
+        tx.send(VmmEvent::Signal(libc::SIGTERM)).unwrap();
+        let never = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+        let end = run_pre_boot(&rx, &mut c, |_| -> Result<(), String> {
+            panic!("no start after a stop signal")
+        });
+        assert_eq!(end, PreBootEnd::Signal(libc::SIGTERM));
+        assert!(matches!(version.recv().unwrap(), Ok(VmmData::Version(_))));
+        drop(tx);
+        // The start still queued is dropped unanswered with the loop's receiver.
+        drop(rx);
+        assert!(never.recv().is_err());
+
+        let (tx, rx) = std::sync::mpsc::channel::<VmmEvent>();
+        drop(tx);
+        let end = run_pre_boot(&rx, &mut c, |_| Ok(()));
+        assert_eq!(end, PreBootEnd::ChannelClosed);
     }
 
     #[test]

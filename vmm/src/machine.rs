@@ -19,7 +19,7 @@ use signal_hook::consts::SIGUSR1;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use api::http::HttpResponse;
+use api::outcome::{VmmActionError, VmmOutcome};
 use api::routes::ApiRequest;
 
 use crate::device_manager::DeviceManager;
@@ -74,11 +74,11 @@ pub struct ApiCall {
     /// The parsed, validated request.
     pub request: ApiRequest,
     /// Where the answer goes (the API thread waits on it).
-    pub reply: Sender<HttpResponse>,
+    pub reply: Sender<VmmOutcome>,
 }
 
 /// Answers the API requests that arrive while the VM runs.
-pub type RuntimeApiHandler<'a> = dyn FnMut(ApiRequest, &mut RunningVm<'_>) -> HttpResponse + 'a;
+pub type RuntimeApiHandler<'a> = dyn FnMut(ApiRequest, &mut RunningVm<'_>) -> VmmOutcome + 'a;
 
 /// What a runtime API request may act on.
 pub struct RunningVm<'a> {
@@ -196,7 +196,7 @@ impl MicroVm {
         let (tx, rx) = mpsc::channel();
         spawn_signal_watcher(tx.clone(), filters)?;
         self.run_with(forward_stdin, filters, tx, rx, &mut |_, _| {
-            HttpResponse::fault(400, "there is no API in this mode")
+            Err(VmmActionError::refused("there is no API in this mode"))
         })
     }
 

@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,11 @@ use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
     SocketGuard, ThreadSpawner,
 };
+use api::outcome::{to_response, VmmActionError};
 use api::routes::parse_request;
 use clap::Parser;
 use devices::legacy::process_cpu_time;
-use vmm::api_controller::{ApiController, PreBoot};
+use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
 use vmm::builder::build_microvm;
 use vmm::cli::{Cli, Command, ObservabilityArgs, ProcessArgs, RunArgs};
 use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
@@ -140,16 +141,21 @@ fn answer(tx: &Sender<VmmEvent>, request: &HttpRequest) -> HttpResponse {
         request,
         reply: reply_tx,
     });
-    if tx.send(call).is_err() {
+    let outcome = if tx.send(call).is_err() {
         METRICS.api_server.sync_response_fails.inc();
-        return HttpResponse::fault(503, "The microVM is shutting down.");
-    }
-    reply_rx
-        .recv_timeout(API_REPLY_TIMEOUT)
-        .unwrap_or_else(|_| {
-            METRICS.api_server.sync_vmm_send_timeout_count.inc();
-            HttpResponse::fault(504, "The VMM did not answer in time.")
-        })
+        Err(VmmActionError::ShuttingDown)
+    } else {
+        match reply_rx.recv_timeout(API_REPLY_TIMEOUT) {
+            Ok(outcome) => outcome,
+            Err(RecvTimeoutError::Timeout) => {
+                METRICS.api_server.sync_vmm_send_timeout_count.inc();
+                Err(VmmActionError::TimedOut)
+            }
+            // The VMM ended with the request still queued.
+            Err(RecvTimeoutError::Disconnected) => Err(VmmActionError::ShuttingDown),
+        }
+    };
+    to_response(&outcome)
 }
 
 /// Firecracker's process mode: serve the API and/or boot from a config file.
@@ -231,31 +237,14 @@ fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) ->
             Err(e) => return fail(EXIT_BAD_INPUT, e),
         }
     } else {
-        loop {
-            let Ok(event) = rx.recv() else {
-                return fail(EXIT_FAILURE, "internal error: the API thread ended");
-            };
-            let call = match event {
-                VmmEvent::Api(call) => call,
-                VmmEvent::Signal(signal) if signal != libc::SIGUSR1 => {
-                    log::info!("stopped by signal {signal} before the microVM started");
-                    return ExitCode::from(128u8.saturating_add(signal as u8));
-                }
-                _ => continue,
-            };
-            match controller.pre_boot(call.request) {
-                PreBoot::Reply(response) => {
-                    let _ = call.reply.send(response);
-                }
-                PreBoot::Start => match start(&controller) {
-                    Ok(microvm) => {
-                        let _ = call.reply.send(HttpResponse::no_content());
-                        break microvm;
-                    }
-                    Err(e) => {
-                        let _ = call.reply.send(HttpResponse::fault(400, &e));
-                    }
-                },
+        match run_pre_boot(&rx, &mut controller, start) {
+            PreBootEnd::Started(microvm) => microvm,
+            PreBootEnd::Signal(signal) => {
+                log::info!("stopped by signal {signal} before the microVM started");
+                return ExitCode::from(128u8.saturating_add(signal as u8));
+            }
+            PreBootEnd::ChannelClosed => {
+                return fail(EXIT_FAILURE, "internal error: the API thread ended")
             }
         }
     };
