@@ -23,10 +23,22 @@ pub trait BusDevice: Send {
 pub enum BusError {
     /// The range is empty or wraps around the end of the address space.
     #[error("invalid bus range: base {base:#x}, length {len:#x}")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// First address of the rejected range.
+        base: u64,
+        /// Number of addresses in the rejected range.
+        len: u64,
+    },
     /// The range overlaps a device that is already registered.
     #[error("bus range {base:#x}+{len:#x} overlaps an existing device at {other:#x}")]
-    Overlap { base: u64, len: u64, other: u64 },
+    Overlap {
+        /// First address of the new range.
+        base: u64,
+        /// Number of addresses in the new range.
+        len: u64,
+        /// First address of the registered range it overlaps.
+        other: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -45,7 +45,9 @@ pub enum BuildError {
     /// The console sink.
     #[error("console file {path}: {source}")]
     Console {
+        /// The console file, or the console setting when it is not a file.
         path: String,
+        /// Why it could not be opened.
         #[source]
         source: std::io::Error,
     },

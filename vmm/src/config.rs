@@ -114,16 +114,34 @@ fn open_console_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 pub enum ConfigError {
     /// vCPU count outside what KVM and the MP table allow.
     #[error("--vcpus {requested}: must be between 1 and {max} on this host")]
-    VcpuCount { requested: u64, max: u8 },
+    VcpuCount {
+        /// The vCPU count asked for.
+        requested: u64,
+        /// The most this host allows.
+        max: u8,
+    },
     /// Memory below the minimum.
     #[error("--mem-mib {requested}: at least {min} MiB are needed", min = MIN_MEM_SIZE >> 20)]
-    MemoryTooSmall { requested: u64 },
+    MemoryTooSmall {
+        /// The memory asked for, in MiB.
+        requested: u64,
+    },
     /// Memory beyond what the host has.
     #[error("--mem-mib {requested}: the host has only {host} MiB of memory")]
-    MemoryTooLarge { requested: u64, host: u64 },
+    MemoryTooLarge {
+        /// The memory asked for, in MiB.
+        requested: u64,
+        /// The host's memory, in MiB.
+        host: u64,
+    },
     /// More than one drive marked root.
     #[error("drives {first} and {second} are both marked root; only one can be")]
-    MultipleRoots { first: String, second: String },
+    MultipleRoots {
+        /// Id of the first drive marked root (empty if it has none).
+        first: String,
+        /// Id of the second drive marked root (empty if it has none).
+        second: String,
+    },
     /// Two devices share an id.
     #[error("two devices have the id '{0}'")]
     DuplicateId(String),

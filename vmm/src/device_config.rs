@@ -31,8 +31,11 @@ pub enum DeviceOptionError {
     /// A value that does not parse.
     #[error("bad value for '{key}': '{value}' ({reason})")]
     BadValue {
+        /// The option's key.
         key: String,
+        /// The value given for it.
         value: String,
+        /// Why it does not parse.
         reason: String,
     },
     /// Rate limiter settings that do not fit together.

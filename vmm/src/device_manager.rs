@@ -91,15 +91,20 @@ pub enum DeviceError {
     /// KVM refused an irqfd.
     #[error("registering the irqfd for GSI {gsi}: {source}")]
     Irqfd {
+        /// The interrupt line.
         gsi: u32,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },
     /// KVM refused an ioeventfd.
     #[error("registering the ioeventfd for queue {queue} at {addr:#x}: {source}")]
     Ioeventfd {
+        /// Guest physical address of the device's QueueNotify register.
         addr: u64,
+        /// Index of the queue.
         queue: usize,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -112,22 +117,29 @@ pub enum DeviceError {
     /// A drive could not be set up (its image, usually).
     #[error("drive {id}: {source}")]
     Drive {
+        /// The drive's id (empty if it has none).
         id: String,
+        /// Why.
         #[source]
         source: BlockError,
     },
     /// A TAP device could not be opened.
     #[error("network interface {id}: TAP {tap}: {source}")]
     Tap {
+        /// The network interface's id (empty if it has none).
         id: String,
+        /// The TAP device's name.
         tap: String,
+        /// Why.
         #[source]
         source: TapError,
     },
     /// A network device could not be set up.
     #[error("network interface {id}: {source}")]
     Net {
+        /// The network interface's id (empty if it has none).
         id: String,
+        /// Why.
         #[source]
         source: NetError,
     },

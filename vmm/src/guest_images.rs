@@ -16,13 +16,20 @@ pub enum GuestImagesError {
     /// The build script could not be started.
     #[error("running {script}: {source}")]
     Spawn {
+        /// The build script.
         script: PathBuf,
+        /// Why it could not be started.
         #[source]
         source: std::io::Error,
     },
     /// The build script failed.
     #[error("{script} failed ({status}); its output above says why")]
-    Failed { script: PathBuf, status: String },
+    Failed {
+        /// The build script.
+        script: PathBuf,
+        /// Its exit status, as text.
+        status: String,
+    },
     /// An expected image is missing from the output directory.
     #[error("default guest image {0} is missing (set KILN_GUEST_IMAGES to a built guest-images directory, or pass --kernel)")]
     Missing(PathBuf),

@@ -21,28 +21,47 @@ pub enum LoaderError {
     /// The file could not be opened or read.
     #[error("{what} {path}: {source}")]
     Io {
+        /// Which image: "kernel image" or "initrd".
         what: &'static str,
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
     /// The kernel is neither ELF nor bzImage.
     #[error("kernel image {path}: not an ELF or bzImage (first bytes {first_bytes})")]
-    UnknownFormat { path: PathBuf, first_bytes: String },
+    UnknownFormat {
+        /// The kernel image.
+        path: PathBuf,
+        /// Its first bytes in hex, or a note that it is empty.
+        first_bytes: String,
+    },
     /// linux-loader refused the image.
     #[error("kernel image {path}: {source}")]
     Kernel {
+        /// The kernel image.
         path: PathBuf,
+        /// Why linux-loader refused it.
         #[source]
         source: linux_loader::loader::Error,
     },
     /// The initrd does not fit between the kernel and the end of low memory.
     #[error("initrd {path}: {size} bytes do not fit in guest memory ({room} bytes free above the kernel); give the guest more memory")]
-    InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
+    InitrdTooLarge {
+        /// The initrd.
+        path: PathBuf,
+        /// Its size, in bytes.
+        size: u64,
+        /// Bytes free between the end of the kernel and the end of low memory.
+        room: u64,
+    },
     /// Copying the initrd into guest memory failed.
     #[error("initrd {path}: copying into guest memory: {source}")]
     InitrdCopy {
+        /// The initrd.
         path: PathBuf,
+        /// Why.
         #[source]
         source: vm_memory::GuestMemoryError,
     },

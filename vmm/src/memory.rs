@@ -15,7 +15,9 @@ pub enum MemoryError {
     /// The host refused the mapping.
     #[error("mapping {size} bytes of guest memory: {source}")]
     Mmap {
+        /// The guest memory size asked for, in bytes.
         size: u64,
+        /// Why.
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },

@@ -33,8 +33,11 @@ const MAX_QUOTED_CHARS: usize = 64;
 /// the router can answer 405 with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// `GET`, which reads a resource.
     Get,
+    /// `PUT`, which creates or replaces a resource.
     Put,
+    /// `PATCH`, which updates part of a resource.
     Patch,
     /// Any other method token, as sent (methods are case-sensitive).
     Other(String),
@@ -71,7 +74,9 @@ impl fmt::Display for Method {
 /// The protocol versions Kiln accepts; anything else is refused with 400.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HttpVersion {
+    /// HTTP/1.0: the connection closes after the response unless `Connection: keep-alive`.
     Http10,
+    /// HTTP/1.1: the connection stays open unless `Connection: close`.
     Http11,
 }
 
@@ -83,15 +88,20 @@ pub enum HttpVersion {
 /// the server's payload limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRequest {
+    /// The request method.
     pub method: Method,
+    /// The target's path, without the query or an absolute-form `http://host` prefix.
     pub path: String,
+    /// What followed the first `?` in the target, if there was one.
     pub query: Option<String>,
+    /// The protocol version from the request line.
     pub version: HttpVersion,
     /// The `Content-Type` header, if sent (not validated: the router decides what it accepts).
     pub content_type: Option<String>,
     /// Whether the connection stays open after the response: HTTP/1.1 unless `Connection: close`,
     /// HTTP/1.0 only with `Connection: keep-alive`.
     pub keep_alive: bool,
+    /// The body: exactly `Content-Length` bytes, empty when the header was absent.
     pub body: Vec<u8>,
 }
 
@@ -144,10 +154,12 @@ impl HttpResponse {
         HttpResponse::json(status, body.into_bytes())
     }
 
+    /// The status code, in 200..=599.
     pub fn status(&self) -> u16 {
         self.status
     }
 
+    /// The JSON body, if the response has one.
     pub fn body(&self) -> Option<&[u8]> {
         self.body.as_deref()
     }
@@ -236,47 +248,86 @@ pub enum HttpError {
     #[error(
         "Request line and headers are larger than the limit of {limit} bytes allowed by server."
     )]
-    HeadTooLarge { limit: usize },
+    HeadTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// `Content-Length` above the server's payload limit; sent before any of the body is read.
     #[error(
         "Request payload with size {len} is larger than the limit of {max} allowed by server."
     )]
-    PayloadTooLarge { len: u64, max: usize },
+    PayloadTooLarge {
+        /// The request's `Content-Length`, in bytes.
+        len: u64,
+        /// The server's payload limit, in bytes.
+        max: usize,
+    },
     /// The request line is not `METHOD SP target SP version` in visible ASCII.
     #[error("Invalid request line: expected `METHOD /path HTTP/1.1`.")]
     InvalidRequestLine,
     /// The method is not an RFC 9110 token.
     #[error("Invalid request method `{method}`.")]
-    InvalidMethod { method: String },
+    InvalidMethod {
+        /// The method as the client sent it (shortened for quoting).
+        method: String,
+    },
     /// The target is neither an absolute path nor an `http://host/path` URI.
     #[error(
         "Invalid request target `{target}`: expected an absolute path such as `/machine-config`."
     )]
-    InvalidTarget { target: String },
+    InvalidTarget {
+        /// The target as the client sent it (shortened for quoting).
+        target: String,
+    },
+    /// The request line names a version other than HTTP/1.0 or HTTP/1.1.
     #[error("Unsupported HTTP version `{version}`: use HTTP/1.0 or HTTP/1.1.")]
-    UnsupportedVersion { version: String },
+    UnsupportedVersion {
+        /// The version as the client sent it (shortened for quoting).
+        version: String,
+    },
     /// A header line that is not `name: value` with a token name and a value without control
     /// characters (folded lines included). `line` counts from 1 at the first header.
     #[error("Invalid header on line {line} of the header section.")]
-    InvalidHeader { line: usize },
+    InvalidHeader {
+        /// The offending header line's number, counting from 1.
+        line: usize,
+    },
+    /// A `Content-Length` that is not a plain decimal number or does not fit in a `u64`.
     #[error("Invalid Content-Length `{value}`: expected a decimal number of bytes.")]
-    InvalidContentLength { value: String },
+    InvalidContentLength {
+        /// The value as the client sent it (shortened for quoting).
+        value: String,
+    },
+    /// Several `Content-Length` headers with different values.
     #[error("Conflicting Content-Length headers.")]
     ConflictingContentLength,
     /// Chunked (or any other) transfer coding: the API takes bodies with a `Content-Length` only.
     #[error("Transfer-Encoding is not supported: send the body with a Content-Length header.")]
     TransferEncodingNotSupported,
+    /// An `Expect` header other than `100-continue` (answered 417).
     #[error("Unsupported expectation `{value}`: only `Expect: 100-continue` is supported.")]
-    UnsupportedExpectation { value: String },
+    UnsupportedExpectation {
+        /// The value as the client sent it (shortened for quoting).
+        value: String,
+    },
     /// The client closed its side of the connection in the middle of a request.
     #[error("Connection closed after {received} bytes of an incomplete request.")]
-    IncompleteRequest { received: usize },
+    IncompleteRequest {
+        /// Bytes of the unfinished request received before the close.
+        received: usize,
+    },
     /// The client did not complete its request within the server's timeout.
     #[error("Request not completed within {timeout:?}; closing the connection.")]
-    RequestTimeout { timeout: std::time::Duration },
+    RequestTimeout {
+        /// The server's request timeout.
+        timeout: std::time::Duration,
+    },
     /// The server already has its maximum number of open connections.
     #[error("Too many open API connections (limit {limit}); close one and retry.")]
-    TooManyConnections { limit: usize },
+    TooManyConnections {
+        /// The maximum number of open connections.
+        limit: usize,
+    },
     /// The request handler panicked; the API keeps serving.
     #[error("Internal error while handling the request.")]
     HandlerPanicked,

@@ -20,37 +20,67 @@ static UMASK_LOCK: Mutex<()> = Mutex::new(());
 /// Why a private socket (the API's, the vsock device's) could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    /// A symbolic link is at the path; it is never followed.
     #[error(
         "{path}: is a symbolic link; refusing to follow it (remove it or choose another path)"
     )]
-    Symlink { path: PathBuf },
+    Symlink {
+        /// The requested socket path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is at the path.
     #[error("{path}: exists and is {kind}, not a socket; remove it or choose another path")]
-    NotASocket { path: PathBuf, kind: &'static str },
+    NotASocket {
+        /// The requested socket path.
+        path: PathBuf,
+        /// What is there instead, e.g. "a directory".
+        kind: &'static str,
+    },
+    /// A socket is at the path and a process still accepts connections on it.
     #[error("{path}: another process is listening on it; stop it or choose another path")]
-    InUse { path: PathBuf },
+    InUse {
+        /// The requested socket path.
+        path: PathBuf,
+    },
+    /// Right after binding, the path no longer holds a socket: another file replaced it.
     #[error("{path}: replaced by another file right after it was bound; check who writes to its directory")]
-    Replaced { path: PathBuf },
+    Replaced {
+        /// The socket path whose file was replaced.
+        path: PathBuf,
+    },
+    /// The path's metadata could not be read (for a reason other than it not existing).
     #[error("{path}: cannot inspect it: {source}")]
     Inspect {
+        /// The path that could not be inspected.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// A stale socket file left by an earlier run could not be removed.
     #[error("{path}: cannot remove the stale socket: {source}")]
     RemoveStale {
+        /// The stale socket's path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// `bind` failed.
     #[error("{path}: cannot bind: {source}")]
     Bind {
+        /// The path that could not be bound.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The bound socket's mode could not be checked or set to 0600.
     #[error("{path}: cannot make it owner-only (0600): {source}")]
     SetMode {
+        /// The bound socket's path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
@@ -151,6 +181,7 @@ impl SocketGuard {
         }
     }
 
+    /// The path of the guarded socket file.
     pub fn path(&self) -> &Path {
         &self.path
     }

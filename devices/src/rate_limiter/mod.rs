@@ -9,7 +9,7 @@
 //! Configuration comes in Firecracker's JSON shape ([`RateLimiterConfig`]) or from Cloud
 //! Hypervisor-style `bw_size=…,ops_refill_time=…` CLI keys ([`RateLimiterConfig::parse_cli_key`]).
 
-mod token_bucket;
+pub(crate) mod token_bucket;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,7 +34,12 @@ pub enum RateLimiterError {
     SpuriousEvent,
     /// A rate limiter CLI key had a value that is not an unsigned 64-bit integer.
     #[error("invalid value {value:?} for {key}: expected an unsigned integer")]
-    InvalidCliValue { key: String, value: String },
+    InvalidCliValue {
+        /// The CLI key, e.g. `ops_size`.
+        key: String,
+        /// The value given for it.
+        value: String,
+    },
     /// The configuration's values contradict each other.
     #[error("inconsistent rate limiter configuration: {0}")]
     Inconsistent(String),

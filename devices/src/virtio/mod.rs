@@ -142,7 +142,12 @@ impl Interrupt {
 pub enum ActivateError {
     /// The driver set up a different number of queues than the device has.
     #[error("the driver readied {given} queues, the device needs {expected}")]
-    QueueCount { expected: usize, given: usize },
+    QueueCount {
+        /// How many queues the device has.
+        expected: usize,
+        /// How many queues the driver readied.
+        given: usize,
+    },
     /// The device's activation eventfd could not be written.
     #[error("waking the device's event loop: {0}")]
     Wake(String),

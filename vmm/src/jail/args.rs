@@ -70,20 +70,38 @@ pub struct JailArgs {
 /// Errors in the flags.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
+    /// `--id` is not 1 to 64 characters of A-Z, a-z, 0-9 and '-'.
     #[error("--id {0:?}: use 1 to 64 characters of A-Z, a-z, 0-9 and '-'")]
     BadId(String),
+    /// `--exec-file` (or this kiln) cannot be resolved, is not a regular file, or has a bad name.
     #[error("--exec-file {path}: {reason}")]
-    BadExecFile { path: PathBuf, reason: String },
+    BadExecFile {
+        /// The exec file as given.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// `--parent-cgroup` is empty, absolute, or has `.` or `..` components.
     #[error("--parent-cgroup {0}: give a relative path without '.' or '..' components")]
     BadParentCgroup(PathBuf),
+    /// `--chroot-base-dir` is not an absolute path.
     #[error("--chroot-base-dir {0}: give an absolute path")]
     RelativeBase(PathBuf),
+    /// A `--file` cannot be resolved or has an unusable name.
     #[error("--file {path}: {reason}")]
-    BadFile { path: PathBuf, reason: String },
+    BadFile {
+        /// The file as given.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// Two `--file`s have the same file name.
     #[error("--file {0}: two files would have that name in the jail root")]
     DuplicateFile(String),
+    /// A `--file`'s name is one the jailer itself puts in the jail root.
     #[error("--file {0}: that name is taken in the jail root (the VMM binary, dev, run, lib...)")]
     ReservedName(String),
+    /// The same cgroup file is given twice with `--cgroup`.
     #[error("--cgroup {0}: given twice")]
     DuplicateCgroup(String),
 }
@@ -151,28 +169,42 @@ pub struct BindFile {
     pub name: String,
     /// A directory (bound on a directory) rather than a file.
     pub is_dir: bool,
+    /// Writable inside the jail (`:rw`).
     pub writable: bool,
 }
 
 /// Everything `kiln jail` does, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailConfig {
+    /// The jail's id (`--id`).
     pub id: String,
     /// Absolute, symlink-free path of the VMM binary.
     pub exec_file: PathBuf,
     /// Its file name: the name of the copy in the jail root and of the jail's parent directory.
     pub exec_name: String,
+    /// The uid the VMM runs as.
     pub uid: u32,
+    /// The gid the VMM runs as.
     pub gid: u32,
+    /// Where jails live (`--chroot-base-dir`); absolute.
     pub chroot_base: PathBuf,
+    /// An existing network namespace for the VMM to join.
     pub netns: Option<PathBuf>,
+    /// Detach once the VMM runs (`--daemonize`).
     pub daemonize: bool,
+    /// The `--cgroup` settings, each file at most once.
     pub cgroups: Vec<CgroupSetting>,
+    /// The cgroup version asked for; `None` means the host's.
     pub cgroup_version: Option<CgroupVersion>,
+    /// The cgroup the jail's cgroup is made in, relative to each hierarchy's root.
     pub parent_cgroup: PathBuf,
+    /// RLIMIT_FSIZE in bytes, if limited.
     pub file_size: Option<u64>,
+    /// RLIMIT_NOFILE (default 2048).
     pub no_file: u64,
+    /// The `--file` bind mounts, with distinct, unreserved names.
     pub files: Vec<BindFile>,
+    /// Arguments for the VMM (after `--`).
     pub exec_args: Vec<OsString>,
 }
 

@@ -20,31 +20,53 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors in making, filling or removing the jail's cgroups.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
+    /// /proc/self/mountinfo could not be read.
     #[error("reading /proc/self/mountinfo: {0}")]
     Mountinfo(#[source] std::io::Error),
+    /// No cgroup hierarchy of the chosen version is mounted.
     #[error("no cgroup {0} hierarchy is mounted (see /proc/self/mountinfo); pick the other with --cgroup-version")]
     NoHierarchy(CgroupVersion),
+    /// v1: no mounted hierarchy has the controller a setting needs.
     #[error("--cgroup {file}: no cgroup v1 hierarchy has the {controller:?} controller")]
-    NoController { file: String, controller: String },
+    NoController {
+        /// The setting's cgroup file.
+        file: String,
+        /// The controller it needs.
+        controller: String,
+    },
+    /// v2: the hierarchy's root does not offer the controller a setting needs.
     #[error("--cgroup {file}: the cgroup v2 hierarchy at {mount} does not offer the {controller:?} controller (it has: {available}); try --cgroup-version 1")]
     V2ControllerUnavailable {
+        /// The setting's cgroup file.
         file: String,
+        /// The controller it needs.
         controller: String,
+        /// The v2 hierarchy's mount point.
         mount: PathBuf,
+        /// The controllers it offers (its `cgroup.controllers`).
         available: String,
     },
+    /// A setting's file does not exist in the jail's cgroup directory.
     #[error("--cgroup {file}: {dir} has no such file (a cgroup {version} file name is needed)")]
     NoSuchFile {
+        /// The setting's cgroup file.
         file: String,
+        /// The jail's cgroup directory.
         dir: PathBuf,
+        /// The cgroup version in use.
         version: CgroupVersion,
     },
+    /// The jail's cgroup already exists and has processes in it.
     #[error("cgroup {0} already exists and has processes: another jail with this id is running")]
     InUse(PathBuf),
+    /// A file system operation on a cgroup file or directory failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, e.g. "creating cgroup".
         what: &'static str,
+        /// The cgroup file or directory.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
@@ -58,7 +80,9 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> C
 /// A cgroup version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CgroupVersion {
+    /// cgroup v1: a hierarchy per controller (or group of controllers).
     V1,
+    /// cgroup v2: one unified hierarchy.
     V2,
 }
 
@@ -97,6 +121,7 @@ impl CgroupVersion {
 pub struct CgroupSetting {
     /// A cgroup interface file name such as `memory.max`.
     pub file: String,
+    /// The value written to it: one non-empty line.
     pub value: String,
 }
 
@@ -135,7 +160,9 @@ impl CgroupSetting {
 /// A cgroup hierarchy mounted on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupMount {
+    /// Where the hierarchy is mounted.
     pub mount_point: PathBuf,
+    /// Whether it is a cgroup v1 or v2 hierarchy.
     pub version: CgroupVersion,
     /// v1: the controllers of this hierarchy (from its mount options).
     pub controllers: Vec<String>,
@@ -206,15 +233,18 @@ pub struct CgroupDir {
     pub hierarchy: PathBuf,
     /// `<hierarchy>/<parent>/<id>`.
     pub path: PathBuf,
+    /// The settings written into this directory.
     pub settings: Vec<CgroupSetting>,
 }
 
 /// The jail's cgroup directories, before any exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupPlan {
+    /// The cgroup version in use.
     pub version: CgroupVersion,
     /// `<parent>/<id>`, relative to each hierarchy.
     pub relative: PathBuf,
+    /// The directories to make: v1, one per hierarchy in use; v2, one (none without settings).
     pub dirs: Vec<CgroupDir>,
 }
 
@@ -409,6 +439,7 @@ fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
 /// The jail's cgroup directories, once made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cgroups {
+    /// The directories made, each `<hierarchy>/<parent>/<id>`.
     pub dirs: Vec<PathBuf>,
 }
 

@@ -19,25 +19,36 @@ use nix::unistd::{chdir, execve, pivot_root, setgroups, setresgid, setresuid, Gi
 /// One `--file` bind mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
+    /// The host file or directory to bind (absolute, symlink-free).
     pub source: PathBuf,
     /// The placeholder in the jail root (host path).
     pub target: PathBuf,
+    /// Bind read-write; otherwise read-only.
     pub writable: bool,
 }
 
 /// Everything the child needs, prepared before `fork` (so the child only makes system calls).
 #[derive(Debug, Clone)]
 pub struct ChildPlan {
+    /// The jail root (host path), which becomes the VMM's `/`.
     pub root: PathBuf,
+    /// The `cgroup.procs` files to write `0` to, to join the jail's cgroups.
     pub cgroup_procs: Vec<PathBuf>,
+    /// A network namespace to join, if given.
     pub netns: Option<PathBuf>,
+    /// The `--file` bind mounts.
     pub binds: Vec<Bind>,
+    /// The uid to drop to.
     pub uid: u32,
+    /// The gid to drop to.
     pub gid: u32,
+    /// RLIMIT_FSIZE in bytes, if limited.
     pub file_size: Option<u64>,
+    /// RLIMIT_NOFILE.
     pub no_file: u64,
     /// The VMM binary's path inside the jail.
     pub exec: CString,
+    /// The VMM's argv (see `JailConfig::vmm_argv`).
     pub argv: Vec<CString>,
 }
 

@@ -31,24 +31,44 @@ const PVM_MODULE: &str = "sys/module/kvm_pvm";
 /// Errors in making or removing the jail directory.
 #[derive(Debug, thiserror::Error)]
 pub enum JailDirError {
+    /// The jail's parent directory is on a file system mounted `nodev`.
     #[error("{0} is on a file system mounted nodev, where the jail's device nodes would not work; choose another --chroot-base-dir")]
     NoDev(PathBuf),
+    /// Another `kiln jail` with the same id holds the jail directory's lock.
     #[error("jail {0} is in use by another `kiln jail` with the same --id")]
     InUse(PathBuf),
+    /// A leftover root is not a root-owned directory, or holds a name this jail would make.
     #[error("{path} is left from an earlier jail; remove {jail} and try again")]
-    Leftover { path: PathBuf, jail: PathBuf },
+    Leftover {
+        /// The leftover file (or the root itself).
+        path: PathBuf,
+        /// The jail directory to remove.
+        jail: PathBuf,
+    },
+    /// The exec file is not a 64-bit little-endian ELF executable.
     #[error("--exec-file {0}: not a 64-bit little-endian ELF executable")]
     NotElf(PathBuf),
+    /// `ldd` could not list the exec file's libraries.
     #[error(
         "finding the libraries of {exec} with ldd: {reason} (a statically linked kiln needs none)"
     )]
-    Ldd { exec: PathBuf, reason: String },
+    Ldd {
+        /// The exec file.
+        exec: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Mounts remain under the jail directory, so it is not removed.
     #[error("mounts remain under {0}; leaving it in place (see /proc/self/mountinfo)")]
     MountsLeft(PathBuf),
+    /// A file system operation in the jail directory failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, e.g. "creating".
         what: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },

@@ -30,22 +30,31 @@ const EXIT_FAILURE: u8 = 1;
 /// Errors of `kiln jail` itself (the VMM reports its own).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
+    /// The flags are invalid.
     #[error(transparent)]
     Args(#[from] args::ArgsError),
+    /// `kiln jail` is not running as root.
     #[error("kiln jail must run as root: it makes namespaces, device nodes and cgroups, then drops to --uid/--gid")]
     NotRoot,
+    /// The process has more than one thread at start (how many it found).
     #[error("internal error: kiln jail must start before any other thread (found {0})")]
     Threads(usize),
+    /// The jail's cgroups could not be made or removed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// The jail directory could not be made or removed.
     #[error(transparent)]
     JailDir(#[from] JailDirError),
+    /// An argument for the VMM contains a NUL byte.
     #[error("an argument for the VMM contains a NUL byte: {0:?}")]
     NulInArgument(String),
+    /// A system call failed: which one, and why.
     #[error("{0}: {1}")]
     Sys(&'static str, #[source] nix::Error),
+    /// An I/O operation failed: what was being done, and why.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    /// The VMM's process could not enter the jail; the message it sent back.
     #[error("setting up the jail: {0}")]
     Setup(String),
 }

@@ -49,7 +49,9 @@ pub fn supervised_signals() -> SigSet {
 /// What the jail made on the host.
 #[derive(Debug)]
 pub struct Jail {
+    /// The jail directory, locked while this lives.
     pub dir: JailDir,
+    /// The jail's cgroup directories.
     pub cgroups: Cgroups,
 }
 

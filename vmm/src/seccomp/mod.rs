@@ -61,28 +61,41 @@ pub enum Error {
     /// The filter file could not be read.
     #[error("seccomp filter file {path}: {source}")]
     ReadFile {
+        /// The filter file.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
     /// The JSON does not compile (bad syntax, unknown syscall name, bad action...).
     #[error("seccomp filters {source_name}: {error}")]
     Compile {
+        /// Where the filters came from: the file's path, or "built in".
         source_name: String,
+        /// What seccompiler reported.
         error: seccompiler::Error,
     },
     /// A thread kind has no filter in the file.
     #[error("seccomp filters {source_name}: no filter for thread kind {kind:?} (need \"api\", \"vmm\" and \"vcpu\")")]
     MissingKind {
+        /// Where the filters came from: the file's path, or "built in".
         source_name: String,
+        /// The thread kind with no filter.
         kind: &'static str,
     },
     /// The file names a thread kind Kiln does not have.
     #[error("seccomp filters {source_name}: unknown thread kind {kind:?} (Kiln's are \"api\", \"vmm\" and \"vcpu\")")]
-    UnknownKind { source_name: String, kind: String },
+    UnknownKind {
+        /// Where the filters came from: the file's path, or "built in".
+        source_name: String,
+        /// The unknown kind's name, as in the file.
+        kind: String,
+    },
     /// The kernel refused the filter.
     #[error("installing the {kind} seccomp filter: {error}")]
     Install {
+        /// The thread kind whose filter was refused.
         kind: &'static str,
+        /// What seccompiler reported.
         error: seccompiler::Error,
     },
     /// The thread could not block the process-directed signals.
@@ -91,12 +104,17 @@ pub enum Error {
     /// The thread could not be created.
     #[error("starting thread {name}: {source}")]
     Spawn {
+        /// The thread's name.
         name: String,
+        /// Why.
         source: std::io::Error,
     },
     /// The thread ended before saying whether its filter went in.
     #[error("thread {name} ended before installing its seccomp filter")]
-    ThreadGone { name: String },
+    ThreadGone {
+        /// The thread's name.
+        name: String,
+    },
 }
 
 impl From<Error> for std::io::Error {

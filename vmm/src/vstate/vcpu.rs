@@ -33,22 +33,29 @@ pub enum VcpuError {
     /// A KVM ioctl failed while setting the vCPU up.
     #[error("vCPU {cpu}: {what}: {source}")]
     Kvm {
+        /// The vCPU's index.
         cpu: u8,
+        /// The ioctl that failed, e.g. `KVM_CREATE_VCPU`.
         what: &'static str,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },
     /// Boot register setup failed.
     #[error("vCPU {cpu}: {source}")]
     Regs {
+        /// The vCPU's index.
         cpu: u8,
+        /// Why.
         #[source]
         source: regs::RegsError,
     },
     /// CPUID normalization failed.
     #[error("vCPU {cpu}: {source}")]
     Cpuid {
+        /// The vCPU's index.
         cpu: u8,
+        /// Why.
         #[source]
         source: cpuid::CpuidError,
     },

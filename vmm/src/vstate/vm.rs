@@ -20,7 +20,9 @@ pub enum VmError {
     /// A KVM ioctl failed.
     #[error("{what}: {source}")]
     Kvm {
+        /// The ioctl that failed, e.g. `KVM_CREATE_VM`.
         what: &'static str,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },

@@ -22,16 +22,26 @@ pub enum DiskError {
     /// The file cannot be opened.
     #[error("disk image {path}: {source}")]
     Open {
+        /// The disk image that could not be opened.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
     /// Not a regular file or block device.
     #[error("disk image {path} is {found}, not a regular file or block device")]
-    NotAFile { path: PathBuf, found: &'static str },
+    NotAFile {
+        /// The disk image.
+        path: PathBuf,
+        /// What the file is instead, e.g. "a directory".
+        found: &'static str,
+    },
     /// Another process holds a conflicting lock (another VMM is using it).
     #[error("disk image {path} is in use by another process (locked)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The locked disk image.
+        path: PathBuf,
+    },
 }
 
 /// Why a request's I/O failed (answered VIRTIO_BLK_S_IOERR).
@@ -40,8 +50,11 @@ pub enum IoError {
     /// The range runs past the end of the disk.
     #[error("sectors {sector}+{sectors} are past the end of the disk ({capacity} sectors)")]
     OutOfRange {
+        /// First sector of the request.
         sector: u64,
+        /// Number of sectors requested.
         sectors: u64,
+        /// The disk's size, in sectors.
         capacity: u64,
     },
     /// The disk is read-only.

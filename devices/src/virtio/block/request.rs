@@ -99,23 +99,43 @@ pub enum ParseError {
     EmptyChain,
     /// The first descriptor is too short for the header or is device-writable.
     #[error("bad header descriptor (length {len}, device-writable {writable})")]
-    BadHeader { len: u32, writable: bool },
+    BadHeader {
+        /// Length of the first descriptor, in bytes.
+        len: u32,
+        /// Whether the first descriptor is device-writable.
+        writable: bool,
+    },
     /// A descriptor points (partly) outside guest memory.
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory { addr: u64, len: u32 },
+    OutsideMemory {
+        /// Guest physical address of the descriptor's buffer.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
     /// The chain has no device-writable status byte at its end.
     #[error("the last descriptor is not a device-writable status byte")]
     NoStatus,
     /// A data descriptor has the wrong direction for the request type.
     #[error("{request_type:?} request with a data descriptor of the wrong direction")]
-    WrongDirection { request_type: RequestType },
+    WrongDirection {
+        /// The request's type.
+        request_type: RequestType,
+    },
     /// The data length is not what the request type allows.
     #[error("{request_type:?} request with {len} data bytes")]
-    BadDataLength { request_type: RequestType, len: u64 },
+    BadDataLength {
+        /// The request's type.
+        request_type: RequestType,
+        /// Total length of the data descriptors, in bytes.
+        len: u64,
+    },
     /// A discard / write-zeroes segment carries flags that are not allowed.
     #[error("{request_type:?} segment with flags {flags:#x}")]
     BadSegmentFlags {
+        /// The request's type (discard or write-zeroes).
         request_type: RequestType,
+        /// The segment's `flags` field.
         flags: u32,
     },
     /// Reading the header or a segment from guest memory failed.

@@ -26,7 +26,12 @@ pub enum BootParamsError {
     TooManyE820Entries(usize),
     /// An address does not fit the 32-bit field the boot protocol gives it.
     #[error("{what} at {addr:#x} is beyond the 4 GiB the boot protocol can address")]
-    AddressTooHigh { what: &'static str, addr: u64 },
+    AddressTooHigh {
+        /// What the value is, e.g. "the command line" or "the initrd's size".
+        what: &'static str,
+        /// The address (or size) that does not fit in 32 bits.
+        addr: u64,
+    },
     /// Writing the zero page into guest memory failed.
     #[error("writing the zero page: {0}")]
     Write(#[from] linux_loader::configurator::Error),

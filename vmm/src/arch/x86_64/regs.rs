@@ -38,7 +38,9 @@ pub enum RegsError {
     /// A KVM ioctl failed.
     #[error("{what}: {source}")]
     Kvm {
+        /// The ioctl that failed, e.g. `KVM_SET_SREGS`.
         what: &'static str,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },
