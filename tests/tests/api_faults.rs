@@ -540,6 +540,48 @@ fn a_flooding_guest_outlives_full_unread_closed_and_removed_consoles() {
         },
     );
 
+    // Firecracker's serial rate limiter: a bucket of 1000 bytes that refills over an hour lets
+    // the first 1000 through; the uart metrics count the rest as dropped.
+    let limited = dir.join("limited.txt");
+    let metrics = dir.join("metrics.json");
+    let mut kiln = Kiln::start(&dir, &[], None, Stdio::null());
+    expect(&mut kiln, "PUT", "/boot-source", &boot, 204);
+    expect(
+        &mut kiln,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":16}"#,
+        204,
+    );
+    let serial = format!(
+        r#"{{"serial_out_path":"{}","rate_limiter":{{"size":1000,"refill_time":3600000}}}}"#,
+        limited.display()
+    );
+    expect(&mut kiln, "PUT", "/serial", &serial, 204);
+    let metrics_body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
+    expect(&mut kiln, "PUT", "/metrics", &metrics_body, 204);
+    expect(
+        &mut kiln,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"InstanceStart"}"#,
+        204,
+    );
+    let status = wait_for_exit(&mut kiln.child, DEADLINE);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(std::fs::read(&limited).unwrap(), vec![b'x'; 1000]);
+    let uart_total = |field: &str| -> u64 {
+        kiln_tests::metrics_lines(&metrics)
+            .iter()
+            .filter_map(|line| line["uart"][field].as_u64())
+            .sum()
+    };
+    assert_eq!(uart_total("write_count"), 1000);
+    assert_eq!(
+        uart_total("rate_limiter_dropped_bytes"),
+        u64::from(FLOOD_BYTES) - 1000
+    );
+
     // A console file removed while the guest writes to it.
     let file = dir.join("console.txt");
     run(

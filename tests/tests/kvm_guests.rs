@@ -191,6 +191,7 @@ fn serial_output_and_i8042_reset() {
             Arc::new(Mutex::new(SerialConsole::new(
                 EventFdTrigger::new(irq),
                 Box::new(sink.clone()),
+                devices::legacy::OutputLimits::default(),
             ))),
             0x3f8,
             8,

@@ -147,6 +147,7 @@ fn load_boot_images(
 /// Adds the drives' and network interfaces' counters to the process's metrics, as `block_<id>`
 /// and `net_<id>` (the entropy device is added where it is attached).
 fn count_device_metrics(devices: &DeviceManager) {
+    METRICS.add_device("uart", None, devices.console.clone());
     for drive in &devices.drives {
         METRICS.add_device("block", Some(drive.id.clone()), drive.device.clone());
     }
@@ -205,7 +206,7 @@ pub fn build_microvm(
             },
             source,
         })?;
-    let mut devices = DeviceManager::new(&vm, console_out)?;
+    let mut devices = DeviceManager::new(&vm, console_out, config.console_limits())?;
     // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
     for (drive, block) in config.drives.iter().zip(drives) {
         let id = drive.id.clone().unwrap_or_default();

@@ -9,6 +9,8 @@ use std::str::FromStr;
 use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MIN_MEM_SIZE};
 use crate::arch::x86_64::mptable;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
+use devices::legacy::OutputLimits;
+use devices::rate_limiter::TokenBucketConfig;
 
 /// Most virtio devices a guest can have: one interrupt line each.
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
@@ -184,6 +186,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Serial console destination.
     pub console: ConsoleConfig,
+    /// The console's output rate (Firecracker's `PUT /serial` `rate_limiter`); `None`: no limit.
+    pub console_rate_limit: Option<TokenBucketConfig>,
     /// Block devices, the root drive (if any) first so the guest names it /dev/vda; every id set.
     pub drives: Vec<DriveConfig>,
     /// Network interfaces; every id set.
@@ -213,6 +217,8 @@ pub struct VmConfigRequest {
     pub mem_mib: u64,
     /// Console.
     pub console: ConsoleConfig,
+    /// The console's output rate, if limited.
+    pub console_rate_limit: Option<TokenBucketConfig>,
     /// Block devices in the order given.
     pub drives: Vec<DriveConfig>,
     /// Network interfaces in the order given.
@@ -253,6 +259,7 @@ impl VmConfigRequest {
             vcpus,
             mem_mib: self.mem_mib,
             console: self.console,
+            console_rate_limit: self.console_rate_limit,
             drives,
             nets,
             rng: self.rng,
@@ -300,7 +307,21 @@ fn name_devices(
     Ok((drives, nets))
 }
 
+/// The most a guest may write into a console file; past it, output is dropped, so a guest cannot
+/// fill the host's disk through its console. (Output to stdout, which the user redirects, has no
+/// cap.)
+pub const CONSOLE_FILE_MAX_BYTES: u64 = 64 << 20;
+
 impl VmConfig {
+    /// What the console may write: its rate limit, and the cap for a console file.
+    pub fn console_limits(&self) -> OutputLimits {
+        OutputLimits {
+            rate: self.console_rate_limit,
+            max_bytes: matches!(self.console, ConsoleConfig::File(_))
+                .then_some(CONSOLE_FILE_MAX_BYTES),
+        }
+    }
+
     /// How many virtio devices the VM has (drives, nets, rng, vsock), each taking one MMIO slot
     /// and GSI.
     pub fn virtio_device_count(&self) -> usize {
@@ -333,6 +354,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             console: ConsoleConfig::Stdout,
+            console_rate_limit: None,
             drives: Vec::new(),
             nets: Vec::new(),
             rng: None,
@@ -460,6 +482,31 @@ mod tests {
             err.to_string(),
             "--mem-mib 1073741824: the host has only 24576 MiB of memory"
         );
+    }
+
+    #[test]
+    fn a_console_file_is_capped_and_the_rate_limit_is_kept() {
+        let bucket = TokenBucketConfig {
+            size: 4096,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let to_file = VmConfigRequest {
+            console: ConsoleConfig::File("/tmp/console".into()),
+            console_rate_limit: Some(bucket),
+            ..request()
+        }
+        .validate(LIMITS)
+        .unwrap();
+        assert_eq!(
+            to_file.console_limits(),
+            OutputLimits {
+                rate: Some(bucket),
+                max_bytes: Some(CONSOLE_FILE_MAX_BYTES),
+            }
+        );
+        let to_stdout = request().validate(LIMITS).unwrap();
+        assert_eq!(to_stdout.console_limits(), OutputLimits::default());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use api::http::{bind_api_socket, BindError, SocketGuard};
 use devices::legacy::{
-    EventFdTrigger, SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE,
-    SERIAL_PORT_LEN,
+    EventFdTrigger, OutputLimits, SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
+    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -195,7 +195,11 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Creates the legacy devices (COM1 writing to `console_out`, i8042) on a fresh port bus.
-    pub fn new(vm: &Vm, console_out: Box<dyn Write + Send>) -> Result<Self, DeviceError> {
+    pub fn new(
+        vm: &Vm,
+        console_out: Box<dyn Write + Send>,
+        console_limits: OutputLimits,
+    ) -> Result<Self, DeviceError> {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let mut io_bus = Bus::new();
 
@@ -209,6 +213,7 @@ impl DeviceManager {
         let console = Arc::new(Mutex::new(SerialConsole::new(
             EventFdTrigger::new(serial_irq),
             console_out,
+            console_limits,
         )));
         io_bus.insert(console.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
 

@@ -67,6 +67,7 @@ fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         console: args.console,
+        console_rate_limit: None,
         drives: args.drives,
         nets: args.nets,
         rng: args.rng,

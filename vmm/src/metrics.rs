@@ -12,6 +12,7 @@
 //!  "block_<drive_id>":{...}, "block":{...},     one per drive, then all drives together
 //!  "net_<iface_id>":{...}, "net":{...},         likewise per network interface
 //!  "entropy":{...},                             the entropy device
+//!  "uart":{...},                                the serial console's output
 //!  "latencies_us":{...},                       while the API is served (pause, resume)
 //!  "logger":{...}, "signals":{...}, "vcpu":{...}, "vmm":{...}}
 //! ```
@@ -19,7 +20,8 @@
 //! Group and field names are Firecracker's, and only what Kiln really counts is there (a device
 //! group appears once such a device exists). Kiln's own fields: `guest_errors` (unusable buffers
 //! or rings a guest submitted) in `net` and `entropy`, and `sigint`, `sigterm`, `sigusr1` next to
-//! Firecracker's `sighup` in `signals`. The `_fails` of the API groups count every answer that
+//! Firecracker's `sighup` in `signals`, and `cap_dropped_bytes` in `uart` (output past the
+//! console file's cap). The `_fails` of the API groups count every answer that
 //! was not 2xx, parse errors and refused requests alike.
 //!
 //! # Counters and gauges
@@ -52,6 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use devices::legacy::SerialConsole;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
@@ -466,6 +469,22 @@ impl VmmMetrics {
 pub trait DeviceCounters: Send {
     /// Every counter since the device was created, under Firecracker's field names.
     fn metric_values(&self) -> Vec<(&'static str, u64)>;
+}
+
+impl DeviceCounters for SerialConsole {
+    fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        vec![
+            ("write_count", load(&c.written_bytes)),
+            ("missed_write_count", load(&c.missed_bytes)),
+            (
+                "rate_limiter_dropped_bytes",
+                load(&c.rate_limiter_dropped_bytes),
+            ),
+            ("cap_dropped_bytes", load(&c.cap_dropped_bytes)),
+        ]
+    }
 }
 
 impl DeviceCounters for Block {

@@ -28,9 +28,6 @@ pub enum ResourceError {
     /// A guest MAC already used by another interface.
     #[error("The guest MAC address {0} is already in use.")]
     MacInUse(String),
-    /// A serial console rate limit, which Kiln does not implement.
-    #[error("Kiln does not support a rate limiter on the serial console")]
-    SerialRateLimiter,
     /// A `PATCH /machine-config` that leaves an invalid configuration.
     #[error("{0}")]
     InvalidMachineConfig(String),
@@ -146,11 +143,8 @@ impl VmResources {
         Ok(())
     }
 
-    /// `PUT /serial`: where the guest's console goes.
+    /// `PUT /serial`: where the guest's console goes, and how fast it may write.
     pub fn put_serial(&mut self, serial: SerialDevice) -> Result<(), ResourceError> {
-        if serial.rate_limiter.is_some() {
-            return Err(ResourceError::SerialRateLimiter);
-        }
         self.serial = Some(serial);
         Ok(())
     }
@@ -185,6 +179,7 @@ impl VmResources {
             vcpus: u64::from(self.machine_config.vcpu_count),
             mem_mib: self.machine_config.mem_size_mib,
             console,
+            console_rate_limit: self.serial.as_ref().and_then(|s| s.rate_limiter),
             drives: self.drives.iter().map(drive_config).collect(),
             nets: self.nets.iter().map(net_config).collect(),
             rng: self.entropy.as_ref().map(|e| RngConfig {

@@ -1,11 +1,21 @@
 //! The 16550 UART at COM1 (port 0x3f8, IRQ 4), backed by vm-superio.
+//!
+//! What the guest writes goes through [`LimitedOutput`] on its way to the sink: Firecracker's
+//! `PUT /serial` `rate_limiter` (bytes over the rate are dropped), a cap on the bytes a console
+//! may write in all (a guest cannot fill the host's disk through a console file), and a sink that
+//! cannot take more right now (a full pipe) dropping the byte instead of stalling the vCPU.
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
 use super::EventFdTrigger;
+use crate::rate_limiter::token_bucket::{Reduction, TokenBucket};
+use crate::rate_limiter::TokenBucketConfig;
 use crate::BusDevice;
 
 /// COM1's first port.
@@ -13,21 +23,139 @@ pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 /// A 16550 decodes eight ports.
 pub const SERIAL_PORT_LEN: u64 = 8;
 
-/// The guest's serial console: what the guest writes goes to `out`, what the host enqueues with
-/// [`SerialConsole::enqueue_input`] is what the guest reads.
+/// How much of the guest's console output may reach its sink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// Bytes over this bucket's rate are dropped (Firecracker's `PUT /serial` `rate_limiter`).
+    pub rate: Option<TokenBucketConfig>,
+    /// At most this many bytes reach the sink in all; the rest are dropped.
+    pub max_bytes: Option<u64>,
+}
+
+/// Running totals of the console's output (the `uart` metrics group).
+#[derive(Debug, Default)]
+pub struct ConsoleCounters {
+    /// Bytes that reached the sink.
+    pub written_bytes: AtomicU64,
+    /// Bytes dropped because the sink could not take them (full, closed or failing).
+    pub missed_bytes: AtomicU64,
+    /// Bytes dropped by the rate limiter.
+    pub rate_limiter_dropped_bytes: AtomicU64,
+    /// Bytes dropped once the output cap was reached.
+    pub cap_dropped_bytes: AtomicU64,
+}
+
+/// The sink behind the UART, with the limits applied. Never fails and never blocks on the
+/// guest's account: what cannot or may not be written is counted and dropped.
+pub struct LimitedOutput {
+    out: Box<dyn Write + Send>,
+    bucket: Option<TokenBucket>,
+    max_bytes: Option<u64>,
+    written: u64,
+    counters: Arc<ConsoleCounters>,
+    /// Each kind of loss is logged once, not per byte.
+    cap_logged: bool,
+    failure_logged: bool,
+}
+
+impl LimitedOutput {
+    /// `out` with `limits`, counting into `counters`.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        limits: OutputLimits,
+        counters: Arc<ConsoleCounters>,
+    ) -> Self {
+        LimitedOutput {
+            out,
+            bucket: limits
+                .rate
+                .and_then(|config| TokenBucket::new(&config, Instant::now())),
+            max_bytes: limits.max_bytes,
+            written: 0,
+            counters,
+            cap_logged: false,
+            failure_logged: false,
+        }
+    }
+
+    fn drop_bytes(counter: &AtomicU64, len: usize) -> io::Result<usize> {
+        counter.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(len)
+    }
+}
+
+impl Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = buf.len();
+        if let Some(bucket) = &mut self.bucket {
+            if let Reduction::Failure { .. } = bucket.reduce(len as u64, Instant::now()) {
+                return Self::drop_bytes(&self.counters.rate_limiter_dropped_bytes, len);
+            }
+        }
+        if let Some(max) = self.max_bytes {
+            if self.written.saturating_add(len as u64) > max {
+                if !self.cap_logged {
+                    self.cap_logged = true;
+                    log::warn!(
+                        "serial console: {max} bytes written, the output cap; further output is dropped"
+                    );
+                }
+                return Self::drop_bytes(&self.counters.cap_dropped_bytes, len);
+            }
+        }
+        match self.out.write(buf) {
+            Ok(n) => {
+                self.written += n as u64;
+                self.counters
+                    .written_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+            // A reader that is slow (a full pipe) loses this output, the guest does not wait.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Self::drop_bytes(&self.counters.missed_bytes, len)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => {
+                if !self.failure_logged {
+                    self.failure_logged = true;
+                    log::error!("serial console output failed, its output is dropped: {e}");
+                }
+                Self::drop_bytes(&self.counters.missed_bytes, len)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.out.flush() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            result => result,
+        }
+    }
+}
+
+/// The guest's serial console: what the guest writes goes to its sink through
+/// [`LimitedOutput`], what the host enqueues with [`SerialConsole::enqueue_input`] is what the
+/// guest reads.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
-    /// Set once writing to `out` failed, so that a closed console is reported once, not per byte.
-    output_failed: bool,
+    uart: Serial<EventFdTrigger, NoEvents, LimitedOutput>,
+    counters: Arc<ConsoleCounters>,
 }
 
 impl SerialConsole {
-    /// Creates a UART that raises its interrupt through `irq` and writes guest output to `out`.
-    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+    /// Creates a UART that raises its interrupt through `irq` and writes guest output to `out`
+    /// within `limits`.
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>, limits: OutputLimits) -> Self {
+        let counters = Arc::new(ConsoleCounters::default());
         Self {
-            uart: Serial::new(irq, out),
-            output_failed: false,
+            uart: Serial::new(irq, LimitedOutput::new(out, limits, counters.clone())),
+            counters,
         }
+    }
+
+    /// The output's running totals.
+    pub fn counters(&self) -> &Arc<ConsoleCounters> {
+        &self.counters
     }
 
     /// Queues host input for the guest to read, as far as the UART's FIFO has room.
@@ -58,12 +186,10 @@ impl BusDevice for SerialConsole {
         let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return;
         };
+        // The output never fails (LimitedOutput drops what it cannot write), so an error here
+        // is the UART's own, which has none for a write today; the guest goes on either way.
         if let Err(e) = self.uart.write(offset, value) {
-            // The guest keeps running without a console rather than dying with it.
-            if !self.output_failed {
-                self.output_failed = true;
-                log::error!("serial console output failed, further output is dropped: {e}");
-            }
+            log::debug!("serial console: {e}");
         }
     }
 }
@@ -94,8 +220,86 @@ mod tests {
         let console = SerialConsole::new(
             EventFdTrigger::new(irq.try_clone().unwrap()),
             Box::new(buf.clone()),
+            OutputLimits::default(),
         );
         (console, buf, irq)
+    }
+
+    fn write_all(console: &mut SerialConsole, bytes: &[u8]) {
+        for b in bytes {
+            console.write(0, &[*b]);
+        }
+    }
+
+    #[test]
+    fn the_cap_and_the_rate_limiter_drop_and_count_what_is_over() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let buf = SharedBuf::default();
+        let limits = OutputLimits {
+            rate: None,
+            max_bytes: Some(4),
+        };
+        let mut console = SerialConsole::new(
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            Box::new(buf.clone()),
+            limits,
+        );
+        write_all(&mut console, b"abcdefgh");
+        assert_eq!(&*buf.0.lock().unwrap(), b"abcd");
+        let c = console.counters();
+        assert_eq!(c.written_bytes.load(Ordering::Relaxed), 4);
+        assert_eq!(c.cap_dropped_bytes.load(Ordering::Relaxed), 4);
+
+        // A bucket of 3 bytes that refills over an hour: three go through, the rest are dropped.
+        let buf = SharedBuf::default();
+        let limits = OutputLimits {
+            rate: Some(TokenBucketConfig {
+                size: 3,
+                one_time_burst: None,
+                refill_time: 3_600_000,
+            }),
+            max_bytes: None,
+        };
+        let mut console = SerialConsole::new(
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            Box::new(buf.clone()),
+            limits,
+        );
+        write_all(&mut console, b"12345");
+        assert_eq!(&*buf.0.lock().unwrap(), b"123");
+        let c = console.counters();
+        assert_eq!(c.rate_limiter_dropped_bytes.load(Ordering::Relaxed), 2);
+    }
+
+    /// A sink that takes nothing: full (`WouldBlock`) or broken.
+    struct Refusing(io::ErrorKind);
+
+    impl Write for Refusing {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from(self.0))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::from(self.0))
+        }
+    }
+
+    #[test]
+    fn a_full_or_broken_sink_drops_the_output_and_the_guest_goes_on() {
+        for kind in [io::ErrorKind::WouldBlock, io::ErrorKind::BrokenPipe] {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut console = SerialConsole::new(
+                EventFdTrigger::new(irq),
+                Box::new(Refusing(kind)),
+                OutputLimits::default(),
+            );
+            write_all(&mut console, b"lost");
+            console.flush();
+            // The transmitter is empty again: the guest may write on (LSR bit 5, THR empty).
+            let mut lsr = [0u8];
+            console.read(5, &mut lsr);
+            assert_ne!(lsr[0] & 0x20, 0, "{kind:?}");
+            assert_eq!(console.counters().missed_bytes.load(Ordering::Relaxed), 4);
+        }
     }
 
     #[test]
