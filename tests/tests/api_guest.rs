@@ -332,6 +332,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         "net_eth0",
         "vsock",
         "entropy",
+        "uart",
         "vcpu",
     ] {
         assert!(last.get(group).is_some(), "no {group} in {last}");
@@ -342,6 +343,10 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     assert!(
         total("vsock", "conns_added") >= 1,
         "vsock round trip not counted: {lines:?}"
+    );
+    assert!(
+        total("uart", "write_count") > 0,
+        "the guest's console output not counted: {lines:?}"
     );
     assert!(
         total("block_drive1", "read_bytes") >= 1 << 20,
