@@ -280,10 +280,11 @@ pub fn spawn_filtered(
     }
 }
 
-/// Test hook: with the `test-support` feature, `KILN_TEST_SECCOMP_VIOLATION=<kind>` makes the
-/// threads of that kind make a call no filter allows right after their filter went in, so the
-/// tests can watch the process die of SIGSYS. (A vCPU thread installs its filter before it
-/// first enters the guest.)
+/// Test hook: in a debug build with the `test-support` feature (a workspace `cargo build` or
+/// `cargo test`), `KILN_TEST_SECCOMP_VIOLATION=<kind>` makes the threads of that kind make a call
+/// no filter allows right after their filter went in, so the tests can watch the process die of
+/// SIGSYS. (A vCPU thread installs its filter before it first enters the guest.) A release build
+/// never has it, even where workspace feature unification turns `test-support` on.
 pub mod violation_hook {
     use super::ThreadKind;
 
@@ -295,7 +296,7 @@ pub mod violation_hook {
         fire_if_asked(kind);
     }
 
-    #[cfg(feature = "test-support")]
+    #[cfg(all(feature = "test-support", debug_assertions))]
     fn fire_if_asked(kind: ThreadKind) {
         if std::env::var(ENV).is_ok_and(|v| v == kind.name()) {
             log::warn!(
@@ -309,7 +310,7 @@ pub mod violation_hook {
         }
     }
 
-    #[cfg(not(feature = "test-support"))]
+    #[cfg(not(all(feature = "test-support", debug_assertions)))]
     fn fire_if_asked(_kind: ThreadKind) {}
 }
 
