@@ -226,6 +226,10 @@ pub fn pop_chain<'a>(
 pub enum ChainOutcome {
     /// Done: return it to the guest with this many bytes written into its writable buffers.
     Used(u32),
+    /// Done as [`ChainOutcome::Used`], and the device has had its share of this pass (bytes, not
+    /// only chains, count): stop here with [`Drained::more`] set, so the device comes back
+    /// through its queue's eventfd after the other devices had their turn.
+    UsedThenYield(u32),
     /// Not now (rate limited, host busy): leave it at the head of the queue for a later retry.
     Retry,
 }
@@ -266,6 +270,12 @@ pub fn drain_queue(
                 ChainOutcome::Used(len) => {
                     queue.add_used(mem, head, len)?;
                     drained.used += 1;
+                }
+                ChainOutcome::UsedThenYield(len) => {
+                    queue.add_used(mem, head, len)?;
+                    drained.used += 1;
+                    drained.more = true;
+                    return Ok(());
                 }
                 ChainOutcome::Retry => {
                     queue.go_to_previous_position();

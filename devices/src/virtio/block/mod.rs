@@ -17,7 +17,9 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::disk::{DiskError, DiskFile, IoError};
-use self::request::{Request, RequestType, ID_BYTES, MAX_SEGMENTS};
+use self::request::{
+    Request, RequestType, ID_BYTES, MAX_DATA_SEGMENTS, MAX_SEGMENTS, MAX_SEGMENT_BYTES,
+};
 use super::guest_errors::GuestErrorLog;
 use super::single_queue::ActiveQueue;
 use super::{
@@ -30,9 +32,14 @@ use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, Toke
 pub const SECTOR_SIZE: u64 = 512;
 /// The request queue's size.
 pub const QUEUE_SIZE: u16 = 256;
+/// Data bytes one pass over the queue reads or writes before the device yields the event loop
+/// to the other devices (it comes back through its queue's eventfd): a guest's large I/O must not
+/// starve net and vsock. Together with the request size cap, a pass moves at most ~32 MiB.
+pub const PASS_BYTE_BUDGET: u64 = 16 << 20;
 
 /// Feature bits (virtio 1.x, 5.2.3).
 mod feature {
+    pub const SIZE_MAX: u64 = 1 << 1;
     pub const SEG_MAX: u64 = 1 << 2;
     pub const RO: u64 = 1 << 5;
     pub const FLUSH: u64 = 1 << 9;
@@ -120,6 +127,7 @@ impl Block {
         let mut avail_features = features::VERSION_1
             | features::RING_EVENT_IDX
             | features::RING_INDIRECT_DESC
+            | feature::SIZE_MAX
             | feature::SEG_MAX
             | feature::FLUSH;
         avail_features |= if config.read_only {
@@ -205,8 +213,8 @@ impl Block {
             config[offset..offset + bytes.len()].copy_from_slice(bytes);
         };
         put(0, &self.disk.capacity_sectors().to_le_bytes());
-        // seg_max: the header and the status take two descriptors of a chain.
-        put(12, &(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+        put(8, &MAX_SEGMENT_BYTES.to_le_bytes());
+        put(12, &MAX_DATA_SEGMENTS.to_le_bytes());
         // Discard and write-zeroes limits: any size, up to MAX_SEGMENTS ranges, sector aligned.
         put(36, &u32::MAX.to_le_bytes());
         put(40, &MAX_SEGMENTS.to_le_bytes());
@@ -230,6 +238,7 @@ impl Block {
             host_errors: &mut self.host_errors,
             counters: &mut self.counters,
             id: &self.id,
+            pass_bytes: 0,
         };
         let result = drain_queue(&mut active.queue, &active.mem, &active.interrupt, |chain| {
             handler.handle(chain)
@@ -255,6 +264,8 @@ struct RequestHandler<'a> {
     host_errors: &'a mut GuestErrorLog,
     counters: &'a mut BlockCounters,
     id: &'a [u8; ID_BYTES],
+    /// Data bytes read or written in this pass over the queue.
+    pass_bytes: u64,
 }
 
 impl RequestHandler<'_> {
@@ -286,7 +297,15 @@ impl RequestHandler<'_> {
         // The status address was checked during parsing; should the write still fail, the guest
         // learns nothing from this request either way.
         let _ = self.mem.write_obj(status, request.status_addr);
-        ChainOutcome::Used(data_written.saturating_add(1))
+        let used = data_written.saturating_add(1);
+        if matches!(request.request_type, RequestType::In | RequestType::Out) {
+            self.pass_bytes += u64::from(request.data_len);
+        }
+        if self.pass_bytes >= PASS_BYTE_BUDGET {
+            ChainOutcome::UsedThenYield(used)
+        } else {
+            ChainOutcome::Used(used)
+        }
     }
 
     /// Takes one op and the data bytes from the rate limiter; on refusal nothing is kept.
@@ -481,6 +500,40 @@ mod tests {
         let mut seg_max = [0u8; 4];
         ro.read_config(12, &mut seg_max);
         assert_eq!(u32::from_le_bytes(seg_max), 254);
+        let mut size_max = [0u8; 4];
+        ro.read_config(8, &mut size_max);
+        assert_eq!(u32::from_le_bytes(size_max), 64 << 10);
+        assert_ne!(ro.avail_features() & feature::SIZE_MAX, 0);
+    }
+
+    #[test]
+    fn a_pass_yields_once_it_has_moved_its_byte_budget() {
+        // Three 8 MiB reads: two fill the pass's budget, the third waits for the next pass,
+        // which the device asks for through its queue's eventfd.
+        const EIGHT_MIB: u32 = 8 << 20;
+        let path = image("budget", &vec![0u8; EIGHT_MIB as usize]);
+        let mem = mem();
+        let mut dev = block(&path, true);
+        let vq = MockSplitQueue::new(&mem, 16);
+        write_header(&mem, 0x10_0000, T_IN, 0);
+        let chain = [
+            desc(0x10_0000, 16, 0),
+            desc(0x20_0000, EIGHT_MIB, WRITE),
+            desc(0x40_0000, 1, WRITE),
+        ];
+        super::super::test_queue::add_chains(&vq, &[&chain, &chain, &chain]);
+        activate(&mut dev, &mem, &vq);
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!(
+            dev.queue_evts[0].read().unwrap(),
+            1,
+            "a next pass asked for"
+        );
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 3);
+        assert!(dev.queue_evts[0].read().is_err(), "nothing more to do");
+        assert_eq!(dev.counters().read_bytes, 3 * u64::from(EIGHT_MIB));
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub const SEGMENT_FLAG_UNMAP: u32 = 1;
 pub const MAX_SEGMENTS: u32 = 32;
 /// Bytes a GET_ID answer holds.
 pub const ID_BYTES: usize = 20;
+/// Most data descriptors a read or write may have (`seg_max` in the config space: a chain of the
+/// queue's 256 descriptors less the header and the status).
+pub const MAX_DATA_SEGMENTS: u32 = 254;
+/// Largest data descriptor the driver may use (`size_max` in the config space).
+pub const MAX_SEGMENT_BYTES: u32 = 64 << 10;
+/// Largest read or write: what a driver that keeps to `seg_max` and `size_max` can send (just
+/// under 16 MiB). A bigger one is refused, so no request holds the device thread for long.
+pub const MAX_DATA_BYTES: u64 = MAX_DATA_SEGMENTS as u64 * MAX_SEGMENT_BYTES as u64;
 
 /// What the guest asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +138,16 @@ pub enum ParseError {
         /// Total length of the data descriptors, in bytes.
         len: u64,
     },
+    /// A read or write larger than the device advertised (`seg_max` × `size_max`).
+    #[error("{request_type:?} request with {len} data bytes, more than the {max} allowed")]
+    TooLarge {
+        /// The request's type.
+        request_type: RequestType,
+        /// Total length of the data descriptors, in bytes.
+        len: u64,
+        /// The most a request may carry.
+        max: u64,
+    },
     /// A discard / write-zeroes segment carries flags that are not allowed.
     #[error("{request_type:?} segment with flags {flags:#x}")]
     BadSegmentFlags {
@@ -224,6 +242,13 @@ impl Request {
             RequestType::In | RequestType::Out => {
                 if data_len == 0 || !data_len.is_multiple_of(SECTOR_SIZE) {
                     return Err(bad_len());
+                }
+                if data_len > MAX_DATA_BYTES {
+                    return Err(ParseError::TooLarge {
+                        request_type,
+                        len: data_len,
+                        max: MAX_DATA_BYTES,
+                    });
                 }
                 request.sector = sector;
                 request.data = data;
@@ -334,7 +359,15 @@ pub(crate) mod tests {
     }
 
     fn parse(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> Result<Request, ParseError> {
-        let vq = MockSplitQueue::new(mem, 16);
+        parse_in_queue(mem, descs, 16)
+    }
+
+    fn parse_in_queue(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        queue_size: u16,
+    ) -> Result<Request, ParseError> {
+        let vq = MockSplitQueue::new(mem, queue_size);
         vq.build_desc_chain(descs).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
         let chain = queue.iter(mem).unwrap().next().unwrap();
@@ -492,6 +525,20 @@ pub(crate) mod tests {
             desc(0x40_0000, 1, WRITE),
         ];
         assert_eq!(parse(&mem, &descs).unwrap().data_len, 0x10_0000);
+        // Up to seg_max × size_max bytes, and not one sector more.
+        let mut descs = vec![desc(0x10_0000, 16, 0)];
+        descs.extend((0..MAX_DATA_SEGMENTS).map(|_| desc(0x20_0000, MAX_SEGMENT_BYTES, WRITE)));
+        descs.push(desc(0x40_0000, 1, WRITE));
+        assert_eq!(
+            u64::from(parse_in_queue(&mem, &descs, 512).unwrap().data_len),
+            MAX_DATA_BYTES
+        );
+        let last = descs.len() - 2;
+        descs.insert(last, desc(0x20_0000, 512, WRITE));
+        assert!(matches!(
+            parse_in_queue(&mem, &descs, 512),
+            Err(ParseError::TooLarge { len, max: MAX_DATA_BYTES, .. }) if len == MAX_DATA_BYTES + 512
+        ));
     }
 
     #[test]
