@@ -1,8 +1,10 @@
-//! Assembles a microVM, top to bottom: memory → boot images → VM → device backends → console →
-//! devices → vCPUs.
+//! Assembles a microVM, top to bottom: memory → kernel and initrd → VM → device backends →
+//! console → devices (each registered in the device registry, which hands out its slot) → the
+//! command line announcing the registry's devices and the boot tables → vCPUs.
 //!
 //! Everything the user can get wrong (images, command line, disk files, TAPs) is checked before
-//! the console file is created, so bad input leaves nothing behind.
+//! the console file is created, so bad input leaves nothing behind: the command line's room for
+//! the devices' announcements is checked before they exist.
 
 use devices::legacy::BootTimer;
 use kvm_ioctls::Kvm;
@@ -83,47 +85,52 @@ pub fn choose_entry(kernel: &LoadedKernel, quirks: &HostQuirks) -> EntryPoint {
     }
 }
 
-/// The command line parameters the devices add: the root drive and every virtio-mmio slot.
-///
-/// Slots are handed out in attach order (drives, root first, then nets, then rng), so they are
-/// known before any device exists: [`build_microvm`] attaches in that order.
-fn device_cmdline_params(config: &VmConfig) -> Result<Vec<String>, DeviceError> {
-    let root = config
+/// The root drive's command line parameter, if there is a root drive (always the first, vda).
+fn root_param(config: &VmConfig) -> Option<String> {
+    config
         .drives
         .first()
         .filter(|d| d.root)
-        .map(|d| format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" }));
-    let slots = (0..config.virtio_device_count())
-        .map(|i| {
-            VirtioSlot::nth(i)
-                .map(|slot| slot.cmdline_param())
-                .ok_or(DeviceError::NoSlot)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(root.into_iter().chain(slots).collect())
+        .map(|d| format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" }))
 }
 
-/// Loads kernel, initrd and command line (the user's, then `extra_params`) and writes the boot
-/// tables; returns the entry point.
-fn load_boot_images(
+/// The user's command line with the host's quirks and the root drive; then `devices`, the
+/// parameters that announce the virtio devices.
+fn full_cmdline<'a>(
+    config: &'a VmConfig,
+    quirks: &'a HostQuirks,
+    root: Option<&'a str>,
+    devices: &'a [String],
+) -> Result<linux_loader::cmdline::Cmdline, LoaderError> {
+    loader::build_cmdline(
+        std::iter::once(config.cmdline.as_str())
+            .chain(quirks.guest_cmdline())
+            .chain(root)
+            .chain(devices.iter().map(String::as_str)),
+    )
+}
+
+/// Checks, before anything is created, that the command line will fit once the registry adds
+/// the devices' announcements, by keeping the room the longest of them would take.
+fn check_cmdline_room(config: &VmConfig, quirks: &HostQuirks) -> Result<(), LoaderError> {
+    let room = vec![VirtioSlot::longest_cmdline_param(); config.virtio_device_count()];
+    full_cmdline(config, quirks, root_param(config).as_deref(), &room).map(|_| ())
+}
+
+/// Writes the command line (announcing the devices in `devices`' registry), the zero page or
+/// PVH start info, and the MP table; returns the entry point.
+fn write_boot_tables(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     quirks: &HostQuirks,
-    extra_params: &[String],
+    kernel: &LoadedKernel,
+    initrd: Option<(u64, u64)>,
+    devices: &DeviceManager,
 ) -> Result<EntryPoint, BuildError> {
-    let kernel = loader::load_kernel(mem, &config.kernel)?;
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| loader::load_initrd(mem, path, low_ram_end(config.mem_bytes()), kernel.end))
-        .transpose()?;
-    let cmdline = loader::build_cmdline(
-        std::iter::once(config.cmdline.as_str())
-            .chain(quirks.guest_cmdline())
-            .chain(extra_params.iter().map(String::as_str)),
-    )?;
+    let announced = devices.virtio_cmdline_params();
+    let cmdline = full_cmdline(config, quirks, root_param(config).as_deref(), &announced)?;
     let (cmdline_addr, cmdline_len) = loader::load_cmdline(mem, &cmdline)?;
-    let entry = choose_entry(&kernel, quirks);
+    let entry = choose_entry(kernel, quirks);
     match entry {
         EntryPoint::Linux64(_) => {
             let params = boot_params::build_zero_page(&ZeroPageInputs {
@@ -168,7 +175,13 @@ pub fn build_microvm(
     // Firecracker's boot time counts from the start of the build (InstanceStart being served).
     let boot_timer = config.boot_timer.then(BootTimer::new);
     let mem = memory::create_guest_memory(config.mem_bytes())?;
-    let entry = load_boot_images(&mem, config, quirks, &device_cmdline_params(config)?)?;
+    let kernel = loader::load_kernel(&mem, &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| loader::load_initrd(&mem, path, low_ram_end(config.mem_bytes()), kernel.end))
+        .transpose()?;
+    check_cmdline_room(config, quirks)?;
 
     let vm = Vm::new(kvm)?;
     vm.register_memory(&mem)?;
@@ -229,6 +242,7 @@ pub fn build_microvm(
     if let Some(timer) = boot_timer {
         devices.attach_boot_timer(timer)?;
     }
+    let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &devices)?;
     count_device_metrics(&devices);
     let event_loop = EventLoop::new(&devices.subscribers)?;
 

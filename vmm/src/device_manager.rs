@@ -43,6 +43,18 @@ pub struct AttachedDevice<D> {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// One virtio device in the registry: what it is, where it sits, and its transport.
+pub struct RegisteredDevice {
+    /// The device's id (drive_id, iface_id, `rng`, `vsock`).
+    pub id: String,
+    /// Its virtio device type (2 block, 1 net, 4 entropy, 19 vsock).
+    pub device_type: u32,
+    /// Its MMIO window and interrupt line.
+    pub slot: VirtioSlot,
+    /// Its transport (registers, queue state), shared with the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A device's event handler, as the VMM's event loop holds it.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -64,6 +76,18 @@ impl VirtioSlot {
             base: VIRTIO_MMIO_START + u64::from(index) * MMIO_WINDOW_SIZE,
             gsi,
         })
+    }
+
+    /// The longest [`VirtioSlot::cmdline_param`] there is (the last slot's), for keeping room on
+    /// the command line before the devices exist.
+    pub fn longest_cmdline_param() -> String {
+        // The GSIs are at most two digits and every window address is eight hex digits.
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_WINDOW_SIZE >> 10,
+            VIRTIO_MMIO_START,
+            LAST_DEVICE_GSI
+        )
     }
 
     /// The kernel command line parameter that tells the guest's virtio-mmio driver about it.
@@ -181,6 +205,9 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// The keyboard controller, which can send the guest Ctrl+Alt+Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The device registry: every virtio device, in slot order. It hands out the slots, and
+    /// the guest learns of the devices from it ([`DeviceManager::virtio_cmdline_params`]).
+    pub registry: Vec<RegisteredDevice>,
     /// The virtio devices' event handlers, for the event loop.
     pub subscribers: Vec<SharedSubscriber>,
     /// Block devices, for runtime updates.
@@ -239,6 +266,7 @@ impl DeviceManager {
             console,
             reset_evt,
             i8042,
+            registry: Vec::new(),
             subscribers: Vec::new(),
             drives: Vec::new(),
             nets: Vec::new(),
@@ -260,8 +288,8 @@ impl DeviceManager {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        // One event handler per virtio device: their count is the next slot's index.
-        let slot = VirtioSlot::nth(self.subscribers.len()).ok_or(DeviceError::NoSlot)?;
+        let slot = VirtioSlot::nth(self.registry.len()).ok_or(DeviceError::NoSlot)?;
+        let device_type = device.device_type();
         let notify_addr = slot.base + QUEUE_NOTIFY_OFFSET;
         for (queue, evt) in device.queue_events().iter().enumerate() {
             // The datamatch is the queue index the driver writes to QueueNotify.
@@ -289,11 +317,26 @@ impl DeviceManager {
         self.mmio_bus
             .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
         self.subscribers.push(device.clone());
+        self.registry.push(RegisteredDevice {
+            id: id.clone(),
+            device_type,
+            slot,
+            transport: transport.clone(),
+        });
         Ok(AttachedDevice {
             id,
             device,
             transport,
         })
+    }
+
+    /// The kernel command line parameters that announce every registered virtio device to the
+    /// guest's virtio-mmio driver, in slot order.
+    pub fn virtio_cmdline_params(&self) -> Vec<String> {
+        self.registry
+            .iter()
+            .map(|entry| entry.slot.cmdline_param())
+            .collect()
     }
 }
 
@@ -375,5 +418,14 @@ mod tests {
         assert_eq!((last.base, last.gsi), (0xd001_2000, 23));
         assert_eq!(VirtioSlot::nth(19), None);
         assert_eq!(VirtioSlot::nth(usize::MAX), None);
+    }
+
+    #[test]
+    fn the_room_kept_for_an_announcement_fits_every_slot() {
+        let longest = VirtioSlot::longest_cmdline_param();
+        assert_eq!(longest, "virtio_mmio.device=4K@0xd0000000:23");
+        for slot in (0..).map_while(VirtioSlot::nth) {
+            assert!(slot.cmdline_param().len() <= longest.len(), "{slot:?}");
+        }
     }
 }
