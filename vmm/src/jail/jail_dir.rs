@@ -14,6 +14,8 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::unistd::{chown, Gid, Uid};
 
+use devices::host_file::Accept;
+
 use super::args::JailConfig;
 
 /// The only device nodes in the jail: path in the jail, major, minor (Linux's fixed numbers:
@@ -143,9 +145,11 @@ impl JailDir {
         make_dir(&root.join("run"), 0o700)?;
         let exec = root.join(&config.exec_name);
         install_copy(&config.exec_file, &exec, 0o755)?;
-        if let Some(interpreter) = elf_interpreter(&config.exec_file)? {
+        // The copy, not the source: what is read is what the jail runs, whatever happens to
+        // the source path meanwhile.
+        if let Some(interpreter) = elf_interpreter(&exec)? {
             let mut libs = vec![interpreter.clone()];
-            for lib in ldd(&config.exec_file)? {
+            for lib in ldd(&exec)? {
                 if !libs.contains(&lib) {
                     libs.push(lib);
                 }
@@ -254,13 +258,20 @@ fn make_dir(path: &Path, mode: u32) -> Result<(), JailDirError> {
     std::fs::set_permissions(path, Permissions::from_mode(mode)).map_err(io_error("chmod", path))
 }
 
-/// Copies `from` (following symlinks) to `to`, root-owned with `mode`.
+/// Copies `from` (following symlinks) to `to`, root-owned with `mode`. `from` must be a regular
+/// file when it is opened, not only when the arguments were checked: a FIFO or device swapped in
+/// meanwhile is refused at once instead of blocking the jail (whose stop signals are masked) or
+/// being read without end.
 fn install_copy(from: &Path, to: &Path, mode: u32) -> Result<(), JailDirError> {
-    std::fs::copy(from, to).map_err(|source| JailDirError::Io {
+    let copy_error = |source| JailDirError::Io {
         what: "copying into the jail",
         path: from.to_path_buf(),
         source,
-    })?;
+    };
+    let mut source = devices::host_file::open(from, false, Accept::RegularFile)
+        .map_err(|e| copy_error(e.into()))?;
+    let mut dest = File::create(to).map_err(io_error("creating", to))?;
+    std::io::copy(&mut source, &mut dest).map_err(copy_error)?;
     std::fs::set_permissions(to, Permissions::from_mode(mode)).map_err(io_error("chmod", to))
 }
 
@@ -358,6 +369,29 @@ pub fn parse_ldd(out: &str) -> Result<Vec<PathBuf>, String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_copy_takes_regular_files_only_and_never_blocks() {
+        let dir = std::env::temp_dir().join(format!("kiln-install-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let from = dir.join("kiln");
+        std::fs::write(&from, b"\x7fELF binary").unwrap();
+        let to = dir.join("copy");
+        install_copy(&from, &to, 0o555).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"\x7fELF binary");
+        assert_eq!(std::fs::metadata(&to).unwrap().mode() & 0o777, 0o555);
+        // A FIFO nobody writes (as if swapped in after the arguments were checked): refused at
+        // once, not waited on.
+        let fifo = dir.join("fifo");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let start = std::time::Instant::now();
+        let err = install_copy(&fifo, &dir.join("fifo-copy"), 0o555).unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(err.to_string().contains("named pipe"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn ldd_output() {
