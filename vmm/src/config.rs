@@ -1,8 +1,6 @@
 //! A microVM's configuration, validated once into a type that cannot describe an impossible VM.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -85,28 +83,14 @@ impl ConsoleConfig {
 /// buffer takes what it can), and a reader that stops reading makes the guest's output be
 /// dropped instead of stalling the vCPU that writes it.
 fn open_console_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let open = |read: bool| {
-        OpenOptions::new()
-            .read(read)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
-    };
-    let file = match open(false) {
-        // A FIFO nobody reads yet.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true),
-        result => result,
-    }
-    .map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            std::io::Error::new(e.kind(), "it is a symbolic link")
-        } else {
-            e
-        }
-    })?;
+    let file = crate::logger::open_nonblocking_output(path, crate::logger::OutputMode::Truncate)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(e.kind(), "it is a symbolic link")
+            } else {
+                e
+            }
+        })?;
     // (A directory is refused by the open itself: EISDIR.)
     Ok(file)
 }

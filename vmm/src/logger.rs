@@ -69,26 +69,44 @@ pub enum LoggerError {
 /// Kiln then opens it read-write, as Firecracker does: Linux lets that open succeed at once, and
 /// output is buffered in the pipe until a reader comes.
 pub fn open_output(path: &Path) -> Result<File, OutputError> {
+    open_nonblocking_output(path, OutputMode::Append).map_err(|source| {
+        match source.raw_os_error() {
+            Some(libc::ELOOP) => OutputError::Symlink(path.to_path_buf()),
+            _ => OutputError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    })
+}
+
+/// How [`open_nonblocking_output`] starts: after what the file holds, or empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Append (the log, the metrics).
+    Append,
+    /// Truncate first (a console file, one per boot).
+    Truncate,
+}
+
+/// Opens an output as [`open_output`] describes (0600, `O_NOFOLLOW`, close-on-exec,
+/// non-blocking, a FIFO without a reader opened read-write), appending or truncating.
+pub fn open_nonblocking_output(path: &Path, mode: OutputMode) -> std::io::Result<File> {
     let open = |read: bool| {
         OpenOptions::new()
             .read(read)
-            .append(true)
+            .write(true)
+            .append(mode == OutputMode::Append)
+            .truncate(mode == OutputMode::Truncate)
             .create(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
     };
-    let opened = match open(false) {
+    match open(false) {
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true),
         other => other,
-    };
-    opened.map_err(|source| match source.raw_os_error() {
-        Some(libc::ELOOP) => OutputError::Symlink(path.to_path_buf()),
-        _ => OutputError::Open {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
+    }
 }
 
 /// The `log` crate's filter for an API level.
