@@ -372,6 +372,38 @@ pub fn metrics_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Streams `child`'s stdout (the guest console) line by line; the thread ends at its EOF, so
+/// joining it after the child is gone means every line it printed has been sent.
+pub fn console_lines(
+    child: &mut Child,
+) -> (std::sync::mpsc::Receiver<String>, thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, reader)
+}
+
+/// The value of the guest script's console line `KILN-T <key> <value>`.
+pub fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console.lines().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("KILN-T ")?;
+        Some(rest.strip_prefix(key)?.strip_prefix(' ')?.trim())
+    })
+}
+
+/// The first field of a `sha256sum` line.
+pub fn digest(line: Option<&str>) -> Option<&str> {
+    line.and_then(|l| l.split_whitespace().next())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

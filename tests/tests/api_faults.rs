@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::percentile;
+use kiln_tests::bench::{percentile, raise_fd_limit};
 use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::{
     api_call, kiln_bin, scratch_dir, send_signal, wait_for_exit, wait_for_socket, wait_for_thread,
@@ -1005,23 +1005,6 @@ fn a_hundred_vms_started_and_stopped_leave_nothing_behind() {
         "{CYCLES} VM start/stop cycles in {elapsed:.1} s ({:.0} per minute)",
         CYCLES as f64 * 60.0 / elapsed
     );
-}
-
-/// Raises this process's soft fd limit to its hard one; returns the limit now in force.
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read or write the one struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        }
-    }
-    limit.rlim_cur
 }
 
 #[test]

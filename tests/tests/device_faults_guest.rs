@@ -17,11 +17,11 @@
 //! waits for the host at barriers (host vsock ports the test serves only when its side is done).
 //! No traffic leaves the network namespace the test creates.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -30,8 +30,8 @@ use kiln_tests::bench::{clock_ticks_per_second, cpu_ticks, find_thread, VMM_THRE
 use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::vsock_proto::read_line;
 use kiln_tests::{
-    die_with_test, ensure_command, kiln_bin, kvm_available, scratch_dir, sha256_file,
-    wait_for_exit, write_script_drive, NetNs,
+    console_lines, die_with_test, digest, ensure_command, kiln_bin, kvm_available, marker,
+    scratch_dir, sha256_file, wait_for_exit, write_script_drive, NetNs,
 };
 
 const TOOL: &str = "kiln-vsock";
@@ -113,19 +113,6 @@ barrier 2
 echo "KILN-T done"
 "#
     )
-}
-
-/// The value of the console line `KILN-T <key> <value>`.
-fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    console.lines().find_map(|line| {
-        let rest = line.trim_end().strip_prefix("KILN-T ")?;
-        Some(rest.strip_prefix(key)?.strip_prefix(' ')?.trim())
-    })
-}
-
-/// First field of a `sha256sum` line.
-fn digest(line: Option<&str>) -> Option<&str> {
-    line.and_then(|l| l.split_whitespace().next())
 }
 
 fn run(argv: &[&str]) -> std::process::Output {
@@ -261,21 +248,6 @@ impl Drop for EioFile {
         }
         let _ = run(&["losetup", "-d", &self.loop_dev]);
     }
-}
-
-/// Streams Kiln's stdout (the guest console) line by line.
-fn console_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Waits for a console line starting with `prefix`, keeping every line in `seen`.
@@ -463,7 +435,7 @@ fn a_guest_meets_a_full_disk_eio_a_deleted_tap_and_an_fd_limit_and_goes_on() {
         .stderr(std::fs::File::create(&log).unwrap());
     let mut child = cmd.spawn().expect("spawn kiln");
     let pid = child.id();
-    let lines = console_lines(&mut child);
+    let (lines, reader) = console_lines(&mut child);
     let mut seen = Vec::new();
     let started = Instant::now();
 
@@ -516,6 +488,7 @@ fn a_guest_meets_a_full_disk_eio_a_deleted_tap_and_an_fd_limit_and_goes_on() {
     wait_for(&lines, "KILN-T done", &mut seen);
     let status = wait_for_exit(&mut child, BOOT_DEADLINE.saturating_sub(started.elapsed()));
     // The rest of the console, then everything is checked.
+    let _ = reader.join();
     seen.extend(lines.try_iter());
     let console = seen.join("\n");
     let log_text = std::fs::read_to_string(&log).unwrap();

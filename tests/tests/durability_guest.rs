@@ -4,13 +4,13 @@
 //! the guest goes on writing. Every record the guest saw flushed must then be in the host file:
 //! Kiln may not answer a write before it is in the file, nor a flush before the writes before it.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::{die_with_test, kiln_bin, kvm_available, scratch_dir, write_script_drive};
+use kiln_tests::{
+    console_lines, die_with_test, kiln_bin, kvm_available, scratch_dir, write_script_drive,
+};
 
 const RECORD_BYTES: usize = 4096;
 const RECORDS: usize = 1024;
@@ -72,16 +72,7 @@ fn every_write_the_guest_saw_flushed_survives_a_sigkill() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("spawn kiln");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    let reader = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines, reader) = console_lines(&mut child);
 
     let started = Instant::now();
     let mut seen = Vec::new();

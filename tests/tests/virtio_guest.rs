@@ -18,7 +18,7 @@ use std::thread;
 use std::time::Duration;
 
 use kiln_tests::{
-    enter_netns, kiln_bin, kvm_available, scratch_dir, sha256_file, spawn_piped,
+    digest, enter_netns, kiln_bin, kvm_available, marker, scratch_dir, sha256_file, spawn_piped,
     wait_with_deadline, write_script_drive, NetNs, Outcome,
 };
 
@@ -60,20 +60,6 @@ const SECOND_BOOT_SCRIPT: &str = r#"
 echo "KILN-T persisted $(cat /persist.txt)"
 if fstrim / >/dev/null 2>&1; then echo "KILN-T fstrim ok"; else echo "KILN-T fstrim failed"; fi
 "#;
-
-/// The value of the console line `KILN-T <key> <value>`.
-fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    console.lines().find_map(|line| {
-        let rest = line.trim_end().strip_prefix("KILN-T ")?;
-        let value = rest.strip_prefix(key)?.strip_prefix(' ')?;
-        Some(value.trim())
-    })
-}
-
-/// First field of a `sha256sum` line.
-fn digest(line: Option<&str>) -> Option<&str> {
-    line.and_then(|l| l.split_whitespace().next())
-}
 
 fn report(what: &str, out: &Outcome) {
     eprintln!(

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, median, percentile};
+use kiln_tests::bench::{host_context, median, percentile, raise_fd_limit};
 use kiln_tests::{kiln_bin, tiny_elf, TINY_LOAD_ADDR};
 
 const IDLE_CLIENTS: usize = 1000;
@@ -262,16 +262,7 @@ fn main() {
         },
     ];
     // Room for the idle clients and the streams' connections.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read or write the one struct they are given.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
+    raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("kiln-api-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let kernel = dir.join("parked.elf");
