@@ -6,7 +6,6 @@
 //! [`VmmOutcome`], which the api crate alone turns into a status code and body.
 
 use std::sync::mpsc::Receiver;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use api::models::{
@@ -16,6 +15,10 @@ use api::models::{
 use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
 
+use devices::virtio::block::Block;
+use devices::virtio::net::Net;
+
+use crate::device_manager::{locked, DeviceKind};
 use crate::machine::{RunningVm, VmmEvent};
 use crate::metrics::{MetricsError, METRICS};
 use crate::resources::{ResourceError, VmResources};
@@ -178,10 +181,12 @@ impl ApiController {
             }
             // As Firecracker: without a metrics output there is nothing to flush, and that is
             // not an error (clients flush on a timer whether or not metrics were set up).
-            ApiRequest::Action(ActionType::FlushMetrics) => match METRICS.flush() {
-                Ok(()) | Err(MetricsError::NotConfigured) => Ok(VmmData::Empty),
-                Err(e) => refused(format!("Metrics error: {e}")),
-            },
+            ApiRequest::Action(ActionType::FlushMetrics) => {
+                match METRICS.flush(&vm.devices().registry.metric_groups()) {
+                    Ok(()) | Err(MetricsError::NotConfigured) => Ok(VmmData::Empty),
+                    Err(e) => refused(format!("Metrics error: {e}")),
+                }
+            }
             ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Unable to patch the block device: {e}")),
@@ -247,32 +252,33 @@ impl ApiController {
     /// `PATCH /drives/{id}` after boot: a new backing file (the guest is told its capacity may
     /// have changed) and/or new rate limits (buckets left out keep their settings).
     fn patch_drive(&mut self, patch: &PartialDrive, vm: &RunningVm<'_>) -> Result<(), String> {
-        let attached = vm
-            .devices()
-            .drives
-            .iter()
-            .find(|d| d.id == patch.drive_id)
-            .ok_or_else(|| format!("no drive with id {}", patch.drive_id))?;
         let stored = self
             .resources
             .drives
             .iter_mut()
             .find(|d| d.drive_id == patch.drive_id)
             .ok_or_else(|| format!("no drive with id {}", patch.drive_id))?;
-        if let Some(path) = &patch.path_on_host {
-            locked(&attached.device)
-                .update_disk(path)
-                .map_err(|e| e.to_string())?;
-            locked(&attached.transport).config_changed();
-            stored.path_on_host = Some(path.clone());
-        }
-        if let Some(limits) = &patch.rate_limiter {
-            let merged = merge_limits(stored.rate_limiter.unwrap_or_default(), limits);
-            locked(&attached.device)
-                .update_rate_limiter(&merged)
-                .map_err(|e| e.to_string())?;
-            stored.rate_limiter = Some(merged);
-        }
+        let merged = patch
+            .rate_limiter
+            .as_ref()
+            .map(|limits| merge_limits(stored.rate_limiter.unwrap_or_default(), limits));
+        vm.devices()
+            .registry
+            .with_device::<Block, _>(DeviceKind::Block, &patch.drive_id, |block, transport| {
+                if let Some(path) = &patch.path_on_host {
+                    block.update_disk(path).map_err(|e| e.to_string())?;
+                    transport.config_changed();
+                    stored.path_on_host = Some(path.clone());
+                }
+                if let Some(merged) = merged {
+                    block
+                        .update_rate_limiter(&merged)
+                        .map_err(|e| e.to_string())?;
+                    stored.rate_limiter = Some(merged);
+                }
+                Ok::<(), String>(())
+            })
+            .map_err(|e| e.to_string())??;
         Ok(())
     }
 
@@ -282,12 +288,6 @@ impl ApiController {
         patch: &PartialNetworkInterface,
         vm: &RunningVm<'_>,
     ) -> Result<(), String> {
-        let attached = vm
-            .devices()
-            .nets
-            .iter()
-            .find(|n| n.id == patch.iface_id)
-            .ok_or_else(|| format!("no network interface with id {}", patch.iface_id))?;
         let stored = self
             .resources
             .nets
@@ -302,8 +302,12 @@ impl ApiController {
             .tx_rate_limiter
             .as_ref()
             .map(|p| merge_limits(stored.tx_rate_limiter.unwrap_or_default(), p));
-        locked(&attached.device)
-            .update_rate_limiters(rx.as_ref(), tx.as_ref())
+        vm.devices()
+            .registry
+            .with_device::<Net, _>(DeviceKind::Net, &patch.iface_id, |net, _| {
+                net.update_rate_limiters(rx.as_ref(), tx.as_ref())
+            })
+            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         if rx.is_some() {
             stored.rx_rate_limiter = rx;
@@ -321,12 +325,6 @@ fn merge_limits(old: RateLimiterConfig, patch: &RateLimiterConfig) -> RateLimite
         bandwidth: patch.bandwidth.or(old.bandwidth),
         ops: patch.ops.or(old.ops),
     }
-}
-
-/// Locks a device, going on if a thread panicked while holding it: the device's own state checks
-/// still hold, and refusing every later call would only wedge the API.
-fn locked<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Microseconds since `started`, for the latency metrics.

@@ -22,7 +22,6 @@ use crate::host_quirks::HostQuirks;
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
-use crate::metrics::METRICS;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -127,7 +126,7 @@ fn write_boot_tables(
     initrd: Option<(u64, u64)>,
     devices: &DeviceManager,
 ) -> Result<EntryPoint, BuildError> {
-    let announced = devices.virtio_cmdline_params();
+    let announced = devices.registry.virtio_cmdline_params();
     let cmdline = full_cmdline(config, quirks, root_param(config).as_deref(), &announced)?;
     let (cmdline_addr, cmdline_len) = loader::load_cmdline(mem, &cmdline)?;
     let entry = choose_entry(kernel, quirks);
@@ -149,21 +148,6 @@ fn write_boot_tables(
     }
     mptable::write_mptable(mem, config.vcpus)?;
     Ok(entry)
-}
-
-/// Adds the drives' and network interfaces' counters to the process's metrics, as `block_<id>`
-/// and `net_<id>` (the entropy device is added where it is attached).
-fn count_device_metrics(devices: &DeviceManager) {
-    METRICS.add_device("uart", None, devices.console.clone());
-    for drive in &devices.drives {
-        METRICS.add_device("block", Some(drive.id.clone()), drive.device.clone());
-    }
-    for net in &devices.nets {
-        METRICS.add_device("net", Some(net.id.clone()), net.device.clone());
-    }
-    if let Some(vsock) = &devices.vsock {
-        METRICS.add_device("vsock", None, vsock.device.clone());
-    }
 }
 
 /// Builds a ready-to-start microVM from `config`.
@@ -223,28 +207,28 @@ pub fn build_microvm(
     // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
     for (drive, block) in config.drives.iter().zip(drives) {
         let id = drive.id.clone().unwrap_or_default();
-        let attached = devices.attach_virtio(&vm, &mem, id, block)?;
-        devices.drives.push(attached);
+        devices.attach_virtio(&vm, &mem, id, block)?;
     }
     for (net_config, net) in config.nets.iter().zip(nets) {
         let id = net_config.id.clone().unwrap_or_default();
-        let attached = devices.attach_virtio(&vm, &mem, id, net)?;
-        devices.nets.push(attached);
+        devices.attach_virtio(&vm, &mem, id, net)?;
     }
     if let Some(rng) = rng {
-        let attached = devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
-        METRICS.add_device("entropy", None, attached.device);
+        devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
     }
     if let Some((vsock, socket)) = vsock {
-        devices.vsock = Some(devices.attach_virtio(&vm, &mem, "vsock".to_string(), vsock)?);
+        devices.attach_virtio(&vm, &mem, "vsock".to_string(), vsock)?;
         devices.vsock_socket = Some(socket);
     }
     if let Some(timer) = boot_timer {
         devices.attach_boot_timer(timer)?;
     }
     let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &devices)?;
-    count_device_metrics(&devices);
-    let event_loop = EventLoop::new(&devices.subscribers)?;
+    let registry = devices.registry.clone();
+    let event_loop = EventLoop::new(
+        &devices.subscribers,
+        Box::new(move || registry.metric_groups()),
+    )?;
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {

@@ -10,7 +10,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device_manager::SharedSubscriber;
-use crate::metrics::{PeriodicFlush, FLUSH_PERIOD, METRICS};
+use crate::metrics::{DeviceGroup, PeriodicFlush, FLUSH_PERIOD, METRICS};
 use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
 
 /// Errors in creating the event loop.
@@ -62,14 +62,18 @@ pub struct RunningEventLoop {
 impl EventLoop {
     /// Creates the loop and registers `subscribers` (each one's `init` runs here), and the timer
     /// that flushes the process's metrics every [`FLUSH_PERIOD`] (a no-op until they have an
-    /// output).
-    pub fn new(subscribers: &[SharedSubscriber]) -> Result<Self, EventLoopError> {
+    /// output) with the groups `device_metrics` reports (the registry walked).
+    pub fn new(
+        subscribers: &[SharedSubscriber],
+        device_metrics: Box<dyn Fn() -> Vec<DeviceGroup> + Send>,
+    ) -> Result<Self, EventLoopError> {
         let mut manager = EventManager::new().map_err(EventLoopError::Epoll)?;
         for subscriber in subscribers {
             manager.add_subscriber(subscriber.clone());
         }
         let flush: SharedSubscriber = Arc::new(Mutex::new(
-            PeriodicFlush::new(&METRICS, FLUSH_PERIOD).map_err(EventLoopError::Timer)?,
+            PeriodicFlush::new(&METRICS, FLUSH_PERIOD, device_metrics)
+                .map_err(EventLoopError::Timer)?,
         ));
         manager.add_subscriber(flush);
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
@@ -149,7 +153,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: tx,
         }));
-        let running = EventLoop::new(&[counter])
+        let running = EventLoop::new(&[counter], Box::new(Vec::new))
             .unwrap()
             .spawn(&Arc::new(SeccompFilters::disabled()), |_| {})
             .unwrap();

@@ -257,6 +257,8 @@ impl MicroVm {
         if let Ok(mut console) = self.devices.console.lock() {
             console.flush();
         }
+        // Firecracker writes the metrics one last time on its way out, devices included.
+        METRICS.flush_at_vm_end(&self.devices.registry.metric_groups());
         Ok(reason)
     }
 

@@ -329,7 +329,8 @@ fn main() -> ExitCode {
         Mode::Run(args) => run(args, &filters),
         Mode::Process(args) => serve(args, &startup, &filters),
     };
-    // Firecracker writes the metrics one last time on its way out.
-    METRICS.flush_if_configured();
+    // Firecracker writes the metrics one last time on its way out (a VM's run wrote it with
+    // its devices already).
+    METRICS.flush_at_exit();
     status
 }

@@ -32,15 +32,15 @@
 //! counters are kept by the devices as running totals; a flush reports the difference from what
 //! it reported last time, so the devices need nothing of this module.
 //!
-//! # Adding a device's group (vsock)
+//! # Device groups
 //!
-//! 1. Implement [`DeviceCounters`] for the device here, returning its running totals under
-//!    Firecracker's field names (`vsock`: `rx_bytes_count`, `tx_bytes_count`, `conns_added`, ...).
-//! 2. Register it in `builder.rs`'s `count_device_metrics`, which runs once every device is
-//!    attached: `if let Some(vsock) = &devices.vsock { METRICS.add_device("vsock", None,
-//!    vsock.device.clone()); }`
-//!
-//! Every line then has a `"vsock"` group (`Some(id)` would also emit `"vsock_<id>"` per device).
+//! This module knows no device. Each device keeps its own counters (`metrics.rs` in its folder)
+//! and reports them through `VirtioDevice::metric_values`; the device registry
+//! ([`crate::device_manager::DeviceRegistry::metric_groups`]) walks the VM's devices and names
+//! the groups (`block_<id>` and `block`, `net_<id>` and `net`, `entropy`, `vsock`, `balloon`,
+//! `uart`). Whoever flushes passes those groups in: the control loop, the event loop's timer
+//! (which holds a handle on the registry, not on a global) and the VM's last flush. A new device
+//! kind needs nothing here.
 //!
 //! Invariants: flushes are serialized (by the output's lock), so each counted event is reported in
 //! exactly one line while writes succeed; a failed write is counted in `logger.missed_metrics_count`
@@ -51,14 +51,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::legacy::SerialConsole;
-use devices::virtio::block::Block;
-use devices::virtio::net::Net;
-use devices::virtio::rng::Rng;
-use devices::virtio::vsock::Vsock;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -465,141 +460,36 @@ impl VmmMetrics {
     }
 }
 
-/// A device whose running totals go into the metrics.
-pub trait DeviceCounters: Send {
-    /// Every counter since the device was created, under Firecracker's field names.
-    fn metric_values(&self) -> Vec<(&'static str, u64)>;
+/// One device group of a line, as the device registry reports it: running totals since the
+/// device was created, under Firecracker's field names (`block_<id>`, `block`, `uart`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGroup {
+    /// The group's name in the line.
+    pub name: String,
+    /// The running totals.
+    pub values: Vec<(&'static str, u64)>,
 }
 
-impl DeviceCounters for SerialConsole {
-    fn metric_values(&self) -> Vec<(&'static str, u64)> {
-        let c = self.counters();
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        vec![
-            ("write_count", load(&c.written_bytes)),
-            ("missed_write_count", load(&c.missed_bytes)),
-            (
-                "rate_limiter_dropped_bytes",
-                load(&c.rate_limiter_dropped_bytes),
-            ),
-            ("cap_dropped_bytes", load(&c.cap_dropped_bytes)),
-        ]
-    }
-}
-
-impl DeviceCounters for Block {
-    fn metric_values(&self) -> Vec<(&'static str, u64)> {
-        let c = self.counters();
-        vec![
-            ("read_bytes", c.read_bytes),
-            ("write_bytes", c.write_bytes),
-            ("read_count", c.reads),
-            ("write_count", c.writes),
-            ("flush_count", c.flushes),
-            ("execute_fails", c.failed_requests),
-        ]
-    }
-}
-
-impl DeviceCounters for Net {
-    fn metric_values(&self) -> Vec<(&'static str, u64)> {
-        let c = self.counters();
-        vec![
-            ("rx_bytes_count", c.rx_bytes),
-            ("rx_packets_count", c.rx_frames),
-            ("rx_fails", c.rx_dropped),
-            ("tx_bytes_count", c.tx_bytes),
-            ("tx_packets_count", c.tx_frames),
-            ("tap_write_fails", c.tx_dropped),
-            ("guest_errors", c.guest_errors),
-        ]
-    }
-}
-
-impl DeviceCounters for Rng {
-    fn metric_values(&self) -> Vec<(&'static str, u64)> {
-        let c = self.counters();
-        vec![
-            ("entropy_bytes", c.bytes),
-            ("entropy_event_count", c.requests),
-            ("host_rng_fails", c.host_failures),
-            ("guest_errors", c.guest_errors),
-        ]
-    }
-}
-
-impl DeviceCounters for Vsock {
-    fn metric_values(&self) -> Vec<(&'static str, u64)> {
-        let c = self.counters();
-        vec![
-            ("rx_bytes_count", c.rx_bytes),
-            ("tx_bytes_count", c.tx_bytes),
-            ("conns_added", c.host_connections + c.guest_connections),
-            ("host_connect_fails", c.host_connect_failures),
-            ("guest_connect_fails", c.guest_connect_failures),
-            ("rst_sent", c.resets_sent),
-            ("rst_dropped", c.resets_dropped),
-            ("guest_errors", self.guest_errors()),
-        ]
-    }
-}
-
-/// A device as the metrics hold it.
-struct DeviceSource {
-    group: &'static str,
-    id: Option<String>,
-    device: Arc<Mutex<dyn DeviceCounters>>,
-    /// The totals the previous flush saw.
-    reported: Vec<(&'static str, u64)>,
-}
-
-impl DeviceSource {
-    /// What each counter gained since the previous call.
-    fn take_deltas(&mut self) -> Vec<(&'static str, u64)> {
-        let now = lock(&self.device).metric_values();
-        let deltas = now
-            .iter()
-            .map(|&(field, total)| {
-                let before = self
-                    .reported
-                    .iter()
-                    .find(|(f, _)| *f == field)
+/// What each device counter gained since the previous line, from the totals `now` and the
+/// totals `reported` last time (which become `now`'s).
+fn device_deltas(
+    reported: &mut BTreeMap<String, Vec<(&'static str, u64)>>,
+    now: &[DeviceGroup],
+) -> Vec<(String, Value)> {
+    now.iter()
+        .map(|group| {
+            let before = reported.get(&group.name);
+            let deltas = group.values.iter().map(|&(field, total)| {
+                let was = before
+                    .and_then(|b| b.iter().find(|(f, _)| *f == field))
                     .map_or(0, |&(_, v)| v);
-                (field, total.saturating_sub(before))
-            })
-            .collect();
-        self.reported = now;
-        deltas
-    }
-}
-
-/// Every device group: per device (when it has an id) then the group's sum, groups in the order
-/// their first device was added.
-fn device_groups(sources: &mut [DeviceSource]) -> Vec<(String, Value)> {
-    let mut names: Vec<&'static str> = Vec::new();
-    for source in sources.iter() {
-        if !names.contains(&source.group) {
-            names.push(source.group);
-        }
-    }
-    let mut out = Vec::new();
-    for name in names {
-        let mut sum: Vec<(&'static str, u64)> = Vec::new();
-        for source in sources.iter_mut().filter(|s| s.group == name) {
-            let deltas = source.take_deltas();
-            for &(field, delta) in &deltas {
-                match sum.iter_mut().find(|(f, _)| *f == field) {
-                    Some((_, total)) => *total = total.saturating_add(delta),
-                    None => sum.push((field, delta)),
-                }
-            }
-            if let Some(id) = &source.id {
-                out.push((format!("{name}_{id}"), group(deltas)));
-            }
-        }
-        out.push((name.to_string(), group(sum)));
-    }
-    out
+                (field, total.saturating_sub(was))
+            });
+            let value = self::group(deltas);
+            reported.insert(group.name.clone(), group.values.clone());
+            (group.name.clone(), value)
+        })
+        .collect()
 }
 
 /// Where lines go, and what `PUT /metrics` asked to add to each.
@@ -625,7 +515,10 @@ impl Serialize for Ordered<'_> {
 /// The metrics system: counters anyone may add to, the devices to read, and the output.
 pub struct Metrics {
     output: Mutex<Option<Output>>,
-    devices: Mutex<Vec<DeviceSource>>,
+    /// Each device group's totals as the previous line reported them.
+    reported: Mutex<BTreeMap<String, Vec<(&'static str, u64)>>>,
+    /// Set by the last flush of a VM's run, so the process's exit does not write another line.
+    exit_flushed: AtomicBool,
     /// Set once the API is served: the groups only the API feeds are written from then on.
     api_served: AtomicBool,
     /// `api_server`.
@@ -654,7 +547,8 @@ impl Metrics {
     pub const fn new() -> Self {
         Self {
             output: Mutex::new(None),
-            devices: Mutex::new(Vec::new()),
+            reported: Mutex::new(BTreeMap::new()),
+            exit_flushed: AtomicBool::new(false),
             api_served: AtomicBool::new(false),
             api_server: ApiServerMetrics::new(),
             api_requests: ApiRequestMetrics::new(),
@@ -710,27 +604,12 @@ impl Metrics {
         lock(&self.output).is_some()
     }
 
-    /// Adds `device`'s counters to every line from now on, under `group` (and `group_<id>` when
-    /// `id` is given). See the module documentation.
-    pub fn add_device(
-        &self,
-        group: &'static str,
-        id: Option<String>,
-        device: Arc<Mutex<dyn DeviceCounters>>,
-    ) {
-        lock(&self.devices).push(DeviceSource {
-            group,
-            id,
-            device,
-            reported: Vec::new(),
-        });
-    }
-
-    /// Writes one line now. [`MetricsError::NotConfigured`] if there is no output yet.
-    pub fn flush(&self) -> Result<(), MetricsError> {
+    /// Writes one line now, with `devices`' groups (the running VM's registry walked; none
+    /// before a VM exists). [`MetricsError::NotConfigured`] if there is no output yet.
+    pub fn flush(&self, devices: &[DeviceGroup]) -> Result<(), MetricsError> {
         let mut output = lock(&self.output);
         let output = output.as_mut().ok_or(MetricsError::NotConfigured)?;
-        let mut line = self.line(output);
+        let mut line = self.line(output, devices);
         line.push('\n');
         output.file.write_all(line.as_bytes()).map_err(|e| {
             self.logger.missed_metrics_count.inc();
@@ -740,15 +619,28 @@ impl Metrics {
 
     /// Flushes if an output is configured; a failure is logged (for the timer and the exit,
     /// which have nobody to answer).
-    pub fn flush_if_configured(&self) {
-        match self.flush() {
+    pub fn flush_if_configured(&self, devices: &[DeviceGroup]) {
+        match self.flush(devices) {
             Ok(()) | Err(MetricsError::NotConfigured) => {}
             Err(e) => log::warn!("metrics: {e}"),
         }
     }
 
+    /// The last line of a VM's run, with its devices (Firecracker writes one on its way out).
+    pub fn flush_at_vm_end(&self, devices: &[DeviceGroup]) {
+        self.flush_if_configured(devices);
+        self.exit_flushed.store(true, Ordering::Relaxed);
+    }
+
+    /// The last line of the process, unless a VM's run already wrote it.
+    pub fn flush_at_exit(&self) {
+        if !self.exit_flushed.load(Ordering::Relaxed) {
+            self.flush_if_configured(&[]);
+        }
+    }
+
     /// The JSON object of one flush (taking every counter's delta).
-    fn line(&self, output: &Output) -> String {
+    fn line(&self, output: &Output, devices: &[DeviceGroup]) -> String {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -772,7 +664,7 @@ impl Metrics {
                 push(group.name(), self.api_requests.take(group));
             }
         }
-        entries.extend(device_groups(&mut lock(&self.devices)));
+        entries.extend(device_deltas(&mut lock(&self.reported), devices));
         let mut push = |name: &str, value: Value| entries.push((name.to_string(), value));
         if api {
             push("latencies_us", self.latencies_us.take());
@@ -796,14 +688,24 @@ impl Default for Metrics {
 pub struct PeriodicFlush {
     metrics: &'static Metrics,
     timer: TimerFd,
+    devices: Box<dyn Fn() -> Vec<DeviceGroup> + Send>,
 }
 
 impl PeriodicFlush {
-    /// A timer firing every `period`, armed when the event loop registers it.
-    pub fn new(metrics: &'static Metrics, period: Duration) -> std::io::Result<Self> {
+    /// A timer firing every `period`, armed when the event loop registers it; each flush
+    /// carries the groups `devices` reports (the VM's registry walked).
+    pub fn new(
+        metrics: &'static Metrics,
+        period: Duration,
+        devices: Box<dyn Fn() -> Vec<DeviceGroup> + Send>,
+    ) -> std::io::Result<Self> {
         let mut timer = TimerFd::new()?;
         timer.reset(period, Some(period))?;
-        Ok(Self { metrics, timer })
+        Ok(Self {
+            metrics,
+            timer,
+            devices,
+        })
     }
 }
 
@@ -818,7 +720,7 @@ impl MutEventSubscriber for PeriodicFlush {
         // Reading the expiration count re-arms the level-triggered event; missed periods are one
         // flush, not several.
         let _ = self.timer.wait();
-        self.metrics.flush_if_configured();
+        self.metrics.flush_if_configured(&(self.devices)());
     }
 }
 
@@ -826,14 +728,26 @@ impl MutEventSubscriber for PeriodicFlush {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+    use std::sync::Arc;
 
-    /// A counted device.
-    struct Fake(Vec<(&'static str, u64)>);
-
-    impl DeviceCounters for Fake {
-        fn metric_values(&self) -> Vec<(&'static str, u64)> {
-            self.0.clone()
-        }
+    /// Groups as a registry with two drives and an entropy device reports them.
+    fn groups(root_read: u64) -> Vec<DeviceGroup> {
+        let group = |name: &str, values: Vec<(&'static str, u64)>| DeviceGroup {
+            name: name.to_string(),
+            values,
+        };
+        vec![
+            group(
+                "block_root",
+                vec![("read_bytes", root_read), ("flush_count", 1)],
+            ),
+            group("block_data", vec![("read_bytes", 100)]),
+            group(
+                "block",
+                vec![("read_bytes", root_read + 100), ("flush_count", 1)],
+            ),
+            group("entropy", vec![("entropy_bytes", 64)]),
+        ]
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -877,32 +791,20 @@ mod tests {
         let dir = scratch("lines");
         let path = dir.join("metrics.json");
         let metrics: &'static Metrics = Box::leak(Box::default());
-        assert!(matches!(metrics.flush(), Err(MetricsError::NotConfigured)));
+        assert!(matches!(
+            metrics.flush(&[]),
+            Err(MetricsError::NotConfigured)
+        ));
         let mut cfg = config(&path);
         cfg.emit_id = Some(true);
         cfg.properties = Some(BTreeMap::from([("az".to_string(), "eu-1".to_string())]));
         metrics.configure(&cfg, "vm7").unwrap();
-        metrics.flush().unwrap();
+        metrics.flush(&[]).unwrap();
         metrics.api_started(Duration::from_micros(1500), None);
         assert!(matches!(
             metrics.configure(&config(&path), "vm7"),
             Err(MetricsError::AlreadyConfigured)
         ));
-        let disk = Arc::new(Mutex::new(Fake(vec![
-            ("read_bytes", 512),
-            ("flush_count", 1),
-        ])));
-        metrics.add_device("block", Some("root".into()), disk.clone());
-        metrics.add_device(
-            "block",
-            Some("data".into()),
-            Arc::new(Mutex::new(Fake(vec![("read_bytes", 100)]))),
-        );
-        metrics.add_device(
-            "entropy",
-            None,
-            Arc::new(Mutex::new(Fake(vec![("entropy_bytes", 64)]))),
-        );
         metrics.api_requests.record("PUT", "/drives/root", 204);
         metrics.api_requests.record("PUT", "/drives/x", 400);
         metrics.api_requests.record("GET", "/?x=1", 200);
@@ -910,9 +812,8 @@ mod tests {
         metrics.vcpu.exit_io_out.add(3);
         metrics.signals.record(libc::SIGTERM);
         metrics.latencies_us.vmm_pause_vm.store(77);
-        metrics.flush().unwrap();
-        disk.lock().unwrap().0 = vec![("read_bytes", 1536), ("flush_count", 1)];
-        metrics.flush().unwrap();
+        metrics.flush(&groups(512)).unwrap();
+        metrics.flush(&groups(1536)).unwrap();
 
         let lines = lines(&path);
         assert_eq!(lines.len(), 3);
@@ -994,8 +895,10 @@ mod tests {
         let path = dir.join("metrics.json");
         let metrics: &'static Metrics = Box::leak(Box::default());
         metrics.configure(&config(&path), "vm").unwrap();
-        let flusher = PeriodicFlush::new(metrics, Duration::from_millis(20)).unwrap();
-        let running = EventLoop::new(&[Arc::new(Mutex::new(flusher))])
+        let flusher =
+            PeriodicFlush::new(metrics, Duration::from_millis(20), Box::new(|| groups(512)))
+                .unwrap();
+        let running = EventLoop::new(&[Arc::new(Mutex::new(flusher))], Box::new(Vec::new))
             .unwrap()
             .spawn(
                 &Arc::new(crate::seccomp::SeccompFilters::disabled()),
@@ -1011,6 +914,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         running.stop();
-        assert!(lines(&path).iter().all(|l| l["vmm"].is_object()));
+        assert!(lines(&path)
+            .iter()
+            .all(|l| l["vmm"].is_object() && l["block_root"].is_object()));
     }
 }

@@ -158,6 +158,21 @@ impl SerialConsole {
         &self.counters
     }
 
+    /// The totals under Firecracker's `uart` metric field names (`cap_dropped_bytes` is Kiln's).
+    pub fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let c = &self.counters;
+        vec![
+            ("write_count", load(&c.written_bytes)),
+            ("missed_write_count", load(&c.missed_bytes)),
+            (
+                "rate_limiter_dropped_bytes",
+                load(&c.rate_limiter_dropped_bytes),
+            ),
+            ("cap_dropped_bytes", load(&c.cap_dropped_bytes)),
+        ]
+    }
+
     /// Queues host input for the guest to read, as far as the UART's FIFO has room.
     /// Returns how many bytes were taken.
     pub fn enqueue_input(&mut self, input: &[u8]) -> std::io::Result<usize> {

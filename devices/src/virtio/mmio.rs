@@ -1,7 +1,9 @@
 //! The virtio-mmio transport, register layout version 2 (virtio 1.x, 4.2.2).
 //!
-//! The transport owns what the driver configures (status, features, queue addresses and sizes)
-//! and hands a snapshot of the queues to the device on DRIVER_OK. It runs on vCPU threads; the
+//! The transport owns what the driver configures (status, features, and each queue's registers as
+//! plain data, [`QueueRegisters`], which is what a snapshot saves) and on DRIVER_OK builds the
+//! live queues from them and hands them to the device, which alone advances them: no queue state
+//! is kept twice. It runs on vCPU threads; the
 //! device's data path does not: QueueNotify writes normally never reach it because KVM turns them
 //! into writes of the queue's ioeventfd. When one does arrive here (an access KVM did not match,
 //! or no KVM at all in tests), the transport writes the same eventfd itself.
@@ -14,6 +16,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -64,6 +67,70 @@ mod reg {
 /// Offset of QueueNotify inside the window, for registering ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
+/// One queue's registers as the driver wrote them (virtio 1.x, 4.2.2): plain data, so a
+/// transport's state can be saved and restored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegisters {
+    /// QueueNumMax: the device's limit.
+    pub max_size: u16,
+    /// QueueNum: a power of two no larger than `max_size` (the driver's writes that are not are
+    /// ignored).
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc: the descriptor table's guest address.
+    pub desc_table: u64,
+    /// QueueDriver: the available ring's guest address.
+    pub avail_ring: u64,
+    /// QueueDevice: the used ring's guest address.
+    pub used_ring: u64,
+}
+
+impl QueueRegisters {
+    /// A queue of at most `max_size` entries, at its reset values (size = max).
+    pub fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ..Self::default()
+        }
+    }
+
+    /// Back to the reset values.
+    pub fn reset(&mut self) {
+        *self = Self::new(self.max_size);
+    }
+
+    /// The live queue these registers describe, or `None` if it is not valid in `mem` (rings
+    /// outside memory or misaligned, a bad size).
+    pub fn to_queue(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Option<Queue> {
+        let mut queue = Queue::new(self.max_size).ok()?;
+        queue.try_set_size(self.size).ok()?;
+        queue
+            .try_set_desc_table_address(vm_memory::GuestAddress(self.desc_table))
+            .ok()?;
+        queue
+            .try_set_avail_ring_address(vm_memory::GuestAddress(self.avail_ring))
+            .ok()?;
+        queue
+            .try_set_used_ring_address(vm_memory::GuestAddress(self.used_ring))
+            .ok()?;
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        queue.is_valid(mem).then_some(queue)
+    }
+}
+
+/// Sets the low (`Some(low), None`) or high half of a 64-bit register.
+fn set_half(value: &mut u64, low: Option<u32>, high: Option<u32>) {
+    if let Some(low) = low {
+        *value = (*value & 0xffff_ffff_0000_0000) | u64::from(low);
+    }
+    if let Some(high) = high {
+        *value = (*value & 0xffff_ffff) | (u64::from(high) << 32);
+    }
+}
+
 /// A device behind the transport, shared with the event loop that runs its data path.
 pub type SharedVirtioDevice = Arc<Mutex<dyn VirtioDevice>>;
 
@@ -72,7 +139,7 @@ pub struct MmioTransport {
     device: SharedVirtioDevice,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
+    queues: Vec<QueueRegisters>,
     /// Offered features, cached: the device's offer never changes.
     avail_features: u64,
     acked_features: u64,
@@ -95,7 +162,7 @@ impl MmioTransport {
             let queues = dev
                 .queue_max_sizes()
                 .iter()
-                .filter_map(|&max| Queue::new(max).ok())
+                .map(|&max| QueueRegisters::new(max))
                 .collect();
             (dev.avail_features(), queues)
         };
@@ -152,7 +219,12 @@ impl MmioTransport {
             && self.status & (status::DRIVER_OK | status::FAILED) == 0
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
+    /// Each queue's registers, in queue order.
+    pub fn queue_registers(&self) -> &[QueueRegisters] {
+        &self.queues
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueRegisters> {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
@@ -168,14 +240,14 @@ impl MmioTransport {
                 1 => (self.avail_features >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
-            reg::QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
-            reg::QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
-            reg::QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
-            reg::QUEUE_DRIVER_HIGH => queue.map_or(0, |q| (q.avail_ring() >> 32) as u32),
-            reg::QUEUE_DEVICE_LOW => queue.map_or(0, |q| q.used_ring() as u32),
-            reg::QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
+            reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
+            reg::QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table as u32),
+            reg::QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table >> 32) as u32),
+            reg::QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring as u32),
+            reg::QUEUE_DRIVER_HIGH => queue.map_or(0, |q| (q.avail_ring >> 32) as u32),
+            reg::QUEUE_DEVICE_LOW => queue.map_or(0, |q| q.used_ring as u32),
+            reg::QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.used_ring >> 32) as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status(),
             // No shared memory regions: a length of all ones says "none" (virtio 1.2, 4.2.2).
@@ -232,18 +304,22 @@ impl MmioTransport {
             return;
         };
         match offset {
-            // Queue rejects sizes that are zero, too big or not a power of two; its size then stays
-            // as it was and `is_valid` decides at DRIVER_OK.
+            // Sizes that are zero, too big or not a power of two are ignored; the size then stays
+            // as it was.
             reg::QUEUE_NUM => {
-                let _ = queue.try_set_size(value.try_into().unwrap_or(0));
+                if let Ok(size) = u16::try_from(value) {
+                    if size.is_power_of_two() && size <= queue.max_size {
+                        queue.size = size;
+                    }
+                }
             }
-            reg::QUEUE_READY => queue.set_ready(value == 1),
-            reg::QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
-            reg::QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
-            reg::QUEUE_DRIVER_LOW => queue.set_avail_ring_address(Some(value), None),
-            reg::QUEUE_DRIVER_HIGH => queue.set_avail_ring_address(None, Some(value)),
-            reg::QUEUE_DEVICE_LOW => queue.set_used_ring_address(Some(value), None),
-            reg::QUEUE_DEVICE_HIGH => queue.set_used_ring_address(None, Some(value)),
+            reg::QUEUE_READY => queue.ready = value == 1,
+            reg::QUEUE_DESC_LOW => set_half(&mut queue.desc_table, Some(value), None),
+            reg::QUEUE_DESC_HIGH => set_half(&mut queue.desc_table, None, Some(value)),
+            reg::QUEUE_DRIVER_LOW => set_half(&mut queue.avail_ring, Some(value), None),
+            reg::QUEUE_DRIVER_HIGH => set_half(&mut queue.avail_ring, None, Some(value)),
+            reg::QUEUE_DEVICE_LOW => set_half(&mut queue.used_ring, Some(value), None),
+            reg::QUEUE_DEVICE_HIGH => set_half(&mut queue.used_ring, None, Some(value)),
             _ => {}
         }
     }
@@ -293,10 +369,6 @@ impl MmioTransport {
                     return;
                 }
                 lock(&self.device).set_acked_features(self.acked_features);
-                let event_idx = self.acked_features & features::RING_EVENT_IDX != 0;
-                for queue in &mut self.queues {
-                    queue.set_event_idx(event_idx);
-                }
             }
             status::DRIVER_OK => {
                 self.status |= status::DRIVER_OK;
@@ -308,19 +380,23 @@ impl MmioTransport {
         self.status |= new_bits;
     }
 
-    /// Hands the ready queues to the device. A queue that is not valid in guest memory, or a
-    /// device that refuses to start, leaves the device in DEVICE_NEEDS_RESET rather than running
-    /// on a broken setup.
+    /// Hands the queues the driver readied to the device: those from queue 0 up to the first one
+    /// not ready (a device whose queues depend on its features, like the balloon, gets only
+    /// the ones the driver uses, and checks their count). A ready queue after one that is not,
+    /// a queue that is not valid in guest memory, or a device that refuses to start, leaves the
+    /// device in DEVICE_NEEDS_RESET rather than running on a broken setup.
     fn activate(&mut self) {
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for queue in &self.queues {
-            if !queue.ready() || !queue.is_valid(&self.mem) {
-                self.interrupt.signal_needs_reset();
-                return;
-            }
-            match Queue::try_from(queue.state()) {
-                Ok(q) => queues.push(q),
-                Err(_) => {
+        let event_idx = self.acked_features & features::RING_EVENT_IDX != 0;
+        let readied = self.queues.iter().take_while(|q| q.ready).count();
+        if self.queues[readied..].iter().any(|q| q.ready) {
+            self.interrupt.signal_needs_reset();
+            return;
+        }
+        let mut queues = Vec::with_capacity(readied);
+        for registers in &self.queues[..readied] {
+            match registers.to_queue(&self.mem, event_idx) {
+                Some(queue) => queues.push(queue),
+                None => {
                     self.interrupt.signal_needs_reset();
                     return;
                 }
@@ -394,13 +470,13 @@ pub fn lock(device: &SharedVirtioDevice) -> MutexGuard<'_, dyn VirtioDevice + 's
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::ActivateError;
+    use crate::virtio::{ActivateError, VirtioCommon};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// A device that records what the transport tells it.
     struct FakeDevice {
-        evts: Vec<EventFd>,
+        common: VirtioCommon,
         acked: u64,
         activated: Option<usize>,
         resets: u32,
@@ -411,10 +487,12 @@ mod tests {
     impl FakeDevice {
         fn new() -> Self {
             Self {
-                evts: vec![
-                    EventFd::new(EFD_NONBLOCK).unwrap(),
-                    EventFd::new(EFD_NONBLOCK).unwrap(),
-                ],
+                common: VirtioCommon::new(
+                    2,
+                    features::VERSION_1 | features::RING_EVENT_IDX | 1,
+                    &[16, 16],
+                )
+                .unwrap(),
                 acked: 0,
                 activated: None,
                 resets: 0,
@@ -425,17 +503,14 @@ mod tests {
     }
 
     impl VirtioDevice for FakeDevice {
-        fn device_type(&self) -> u32 {
-            2
+        fn common(&self) -> &VirtioCommon {
+            &self.common
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
         }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.evts
-        }
-        fn avail_features(&self) -> u64 {
-            features::VERSION_1 | features::RING_EVENT_IDX | 1
+        fn metric_values(&self) -> Vec<(&'static str, u64)> {
+            Vec::new()
         }
         fn set_acked_features(&mut self, acked: u64) {
             self.acked = acked;
@@ -457,9 +532,9 @@ mod tests {
             _interrupt: Arc<Interrupt>,
             queues: Vec<Queue>,
         ) -> Result<(), ActivateError> {
-            if self.refuse {
+            if self.refuse || queues.len() != 2 {
                 return Err(ActivateError::QueueCount {
-                    expected: 9,
+                    expected: 2,
                     given: queues.len(),
                 });
             }
@@ -646,6 +721,22 @@ mod tests {
     }
 
     #[test]
+    fn only_the_readied_prefix_of_the_queues_reaches_the_device() {
+        // Queue 1 ready without queue 0: not a prefix, so the setup is broken.
+        let (mut t, dev) = setup();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 1, 0x1000);
+        write(&mut t, reg::STATUS, ALL_OK);
+        assert!(dev.lock().unwrap().activated.is_none());
+        assert_ne!(read(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // The registers are plain data the transport keeps (a snapshot saves them).
+        let regs = t.queue_registers()[1];
+        assert!(regs.ready);
+        assert_eq!((regs.max_size, regs.size), (16, 16));
+        assert_eq!(t.queue_registers()[0], QueueRegisters::new(16));
+    }
+
+    #[test]
     fn activation_refused_by_device_needs_reset() {
         let (mut t, dev) = setup();
         dev.lock().unwrap().refuse = true;
@@ -684,7 +775,7 @@ mod tests {
         let (mut t, dev) = setup();
         write(&mut t, reg::QUEUE_NOTIFY, 1);
         assert!(
-            dev.lock().unwrap().evts[1].read().is_err(),
+            dev.lock().unwrap().common.queue_evts()[1].read().is_err(),
             "no notify before DRIVER_OK"
         );
         negotiate(&mut t, features::VERSION_1);
@@ -693,7 +784,10 @@ mod tests {
         write(&mut t, reg::STATUS, ALL_OK);
         write(&mut t, reg::QUEUE_NOTIFY, 1);
         write(&mut t, reg::QUEUE_NOTIFY, 99);
-        assert_eq!(dev.lock().unwrap().evts[1].read().unwrap(), 1);
+        assert_eq!(
+            dev.lock().unwrap().common.queue_evts()[1].read().unwrap(),
+            1
+        );
     }
 
     #[test]

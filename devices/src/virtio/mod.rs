@@ -12,6 +12,7 @@
 //! descriptor the guest placed on an activated queue names.
 
 pub mod block;
+pub mod common;
 pub mod guest_errors;
 pub mod mmio;
 pub mod net;
@@ -21,6 +22,7 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+pub use common::VirtioCommon;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,6 +35,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
     /// Socket device.
     pub const VSOCK: u32 = 19;
 }
@@ -156,23 +160,41 @@ pub enum ActivateError {
 /// What a virtio device offers the transport.
 ///
 /// Called with the device locked, from vCPU threads (config, activation, reset) and from the event
-/// loop (processing). Implementations keep every guest-controlled value checked.
-pub trait VirtioDevice: Send {
+/// loop (processing). Implementations keep every guest-controlled value checked. The provided
+/// methods read the device's [`VirtioCommon`]; a device implements what is its own: config space,
+/// activation, reset and its counters.
+pub trait VirtioDevice: Send + std::any::Any {
+    /// The state every device holds the same way.
+    fn common(&self) -> &VirtioCommon;
+    /// The same, to change.
+    fn common_mut(&mut self) -> &mut VirtioCommon;
     /// The virtio device type ([`device_type`]).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// The maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_sizes()
+    }
     /// The eventfds the guest's notifications for each queue arrive on (same order as the queues).
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_evts()
+    }
     /// Features the device offers.
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
     /// Features the driver accepted: always a subset of [`Self::avail_features`].
-    fn set_acked_features(&mut self, acked: u64);
+    fn set_acked_features(&mut self, acked: u64) {
+        self.common_mut().set_acked_features(acked);
+    }
     /// Reads config space at `offset`; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes config space at `offset` (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the driver's queues (each valid in `mem`) and its interrupt line.
+    /// Starts the device with the queues the driver readied (each valid in `mem`, in queue
+    /// order: a device whose queue count depends on the features checks it) and its interrupt
+    /// line.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -183,6 +205,8 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// True between a successful activation and the next reset.
     fn is_activated(&self) -> bool;
+    /// Every counter since the device was created, under Firecracker's metric field names.
+    fn metric_values(&self) -> Vec<(&'static str, u64)>;
 }
 
 /// What a device holds between activation and reset: its queues, the guest memory they live

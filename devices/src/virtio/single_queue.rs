@@ -8,7 +8,6 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Interrupt};
 use crate::rate_limiter::RateLimiter;
@@ -48,14 +47,11 @@ impl super::ActiveState for ActiveQueue {
     }
 }
 
-/// The event-loop side of a one-queue device.
-pub trait SingleQueueDevice {
+/// The event-loop side of a one-queue device (its queue and activation eventfds are its
+/// [`VirtioCommon`](super::VirtioCommon)'s).
+pub trait SingleQueueDevice: super::VirtioDevice {
     /// The device's name in log lines ("virtio-blk").
     const LOG_NAME: &'static str;
-    /// The guest's notifications for the queue.
-    fn queue_evt(&self) -> &EventFd;
-    /// Written on activation, so the first requests are served from the event loop.
-    fn activate_evt(&self) -> &EventFd;
     /// The device's rate limiter (its timerfd is watched).
     fn rate_limiter(&mut self) -> &mut RateLimiter;
     /// Serves what the queue holds, as far as the rate limiter allows.
@@ -68,9 +64,13 @@ const RATE_LIMITER: u32 = 2;
 
 /// `MutEventSubscriber::init` for a one-queue device.
 pub fn init<D: SingleQueueDevice>(device: &mut D, ops: &mut EventOps) {
+    let queue_fd = match device.common().queue_evt(0) {
+        Some(evt) => evt.as_raw_fd(),
+        None => return,
+    };
     let sources = [
-        (device.queue_evt().as_raw_fd(), QUEUE),
-        (device.activate_evt().as_raw_fd(), ACTIVATE),
+        (queue_fd, QUEUE),
+        (device.common().activate_evt().as_raw_fd(), ACTIVATE),
         (device.rate_limiter().as_raw_fd(), RATE_LIMITER),
     ];
     for (fd, data) in sources {
@@ -85,11 +85,13 @@ pub fn process<D: SingleQueueDevice>(device: &mut D, events: Events) {
     match events.data() {
         QUEUE => {
             // Drain the notification even while inactive, or epoll would report it forever.
-            let _ = device.queue_evt().read();
+            if let Some(evt) = device.common().queue_evt(0) {
+                let _ = evt.read();
+            }
             device.process_queue();
         }
         ACTIVATE => {
-            let _ = device.activate_evt().read();
+            let _ = device.common().activate_evt().read();
             device.process_queue();
         }
         RATE_LIMITER if device.rate_limiter().event_handler().is_ok() => {
@@ -104,7 +106,7 @@ mod tests {
     use super::*;
     use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[test]
     fn exactly_one_queue() {

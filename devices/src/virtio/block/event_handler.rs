@@ -1,7 +1,6 @@
 //! virtio-blk on the event loop: the one-queue glue of [`single_queue`](crate::virtio::single_queue).
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::Block;
 use crate::rate_limiter::RateLimiter;
@@ -9,14 +8,6 @@ use crate::virtio::single_queue::{self, SingleQueueDevice};
 
 impl SingleQueueDevice for Block {
     const LOG_NAME: &'static str = "virtio-blk";
-
-    fn queue_evt(&self) -> &EventFd {
-        &self.queue_evts[0]
-    }
-
-    fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
-    }
 
     fn rate_limiter(&mut self) -> &mut RateLimiter {
         &mut self.rate_limiter

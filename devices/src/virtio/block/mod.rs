@@ -7,6 +7,7 @@
 
 pub mod disk;
 mod event_handler;
+mod metrics;
 pub mod request;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
+#[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::disk::{DiskError, DiskFile, IoError};
@@ -24,7 +26,7 @@ use super::guest_errors::GuestErrorLog;
 use super::single_queue::ActiveQueue;
 use super::{
     device_type, drain_queue, features, stop_on_broken_ring, ActivateError, Chain, ChainOutcome,
-    Interrupt, VirtioDevice,
+    Interrupt, VirtioCommon, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -107,11 +109,8 @@ pub struct BlockCounters {
 pub struct Block {
     id: [u8; ID_BYTES],
     disk: DiskFile,
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    common: VirtioCommon,
     rate_limiter: RateLimiter,
-    avail_features: u64,
-    acked_features: u64,
     active: Option<ActiveQueue>,
     errors: GuestErrorLog,
     /// The backing file's failures (full disk, EIO).
@@ -123,7 +122,6 @@ impl Block {
     /// Opens the image and creates the device.
     pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
         let disk = DiskFile::open(&config.path, config.read_only)?;
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
         let mut avail_features = features::VERSION_1
             | features::RING_EVENT_IDX
             | features::RING_INDIRECT_DESC
@@ -141,11 +139,9 @@ impl Block {
         Ok(Self {
             id,
             disk,
-            queue_evts: [eventfd()?],
-            activate_evt: eventfd()?,
+            common: VirtioCommon::new(device_type::BLOCK, avail_features, &[QUEUE_SIZE])
+                .map_err(BlockError::EventFd)?,
             rate_limiter: RateLimiter::new(&config.rate_limiter)?,
-            avail_features,
-            acked_features: 0,
             active: None,
             errors: GuestErrorLog::default(),
             host_errors: GuestErrorLog::host(),
@@ -245,7 +241,7 @@ impl Block {
         });
         match result {
             Ok(drained) if drained.more => {
-                let _ = self.queue_evts[0].write(1);
+                self.common.renotify(0);
             }
             Ok(_) => {}
             Err(e) => {
@@ -386,24 +382,12 @@ impl RequestHandler<'_> {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        device_type::BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -417,9 +401,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueue::new(mem, interrupt, queues)?);
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Wake(e.to_string()))
+        self.common.wake_on_activation()
     }
 
     fn reset(&mut self) {
@@ -428,6 +410,10 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        metrics::values(&self.counters)
     }
 }
 
@@ -526,13 +512,16 @@ mod tests {
         dev.process_queue();
         assert_eq!(vq.used().idx().load(), 2);
         assert_eq!(
-            dev.queue_evts[0].read().unwrap(),
+            dev.common.queue_evts()[0].read().unwrap(),
             1,
             "a next pass asked for"
         );
         dev.process_queue();
         assert_eq!(vq.used().idx().load(), 3);
-        assert!(dev.queue_evts[0].read().is_err(), "nothing more to do");
+        assert!(
+            dev.common.queue_evts()[0].read().is_err(),
+            "nothing more to do"
+        );
         assert_eq!(dev.counters().read_bytes, 3 * u64::from(EIGHT_MIB));
     }
 

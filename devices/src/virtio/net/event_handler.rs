@@ -27,12 +27,12 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
         let sources = [
             (
-                self.queue_evts[RX_QUEUE].as_raw_fd(),
+                self.common.queue_evts()[RX_QUEUE].as_raw_fd(),
                 tag::RX_QUEUE,
                 EventSet::IN,
             ),
             (
-                self.queue_evts[TX_QUEUE].as_raw_fd(),
+                self.common.queue_evts()[TX_QUEUE].as_raw_fd(),
                 tag::TX_QUEUE,
                 EventSet::IN,
             ),
@@ -41,7 +41,11 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 tag::TAP,
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             ),
-            (self.activate_evt.as_raw_fd(), tag::ACTIVATE, EventSet::IN),
+            (
+                self.common.activate_evt().as_raw_fd(),
+                tag::ACTIVATE,
+                EventSet::IN,
+            ),
             (
                 self.rx_rate_limiter.as_raw_fd(),
                 tag::RX_RATE_LIMITER,
@@ -64,12 +68,12 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         match events.data() {
             tag::RX_QUEUE => {
                 // Drain the notification even while inactive, or epoll would report it forever.
-                let _ = self.queue_evts[RX_QUEUE].read();
+                let _ = self.common.queue_evts()[RX_QUEUE].read();
                 // New guest buffers: deliver the held frame, then whatever the TAP has.
                 self.process_rx();
             }
             tag::TX_QUEUE => {
-                let _ = self.queue_evts[TX_QUEUE].read();
+                let _ = self.common.queue_evts()[TX_QUEUE].read();
                 self.process_tx();
             }
             tag::TAP => {
@@ -77,7 +81,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 self.process_rx();
             }
             tag::ACTIVATE => {
-                let _ = self.activate_evt.read();
+                let _ = self.common.activate_evt().read();
                 self.process_rx();
                 self.process_tx();
             }

@@ -21,6 +21,7 @@
 //!   or rings outside memory) stops the device, in DEVICE_NEEDS_RESET.
 
 mod event_handler;
+mod metrics;
 mod rx;
 pub mod tap;
 mod tx;
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_net;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+#[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::rx::RxOutcome;
@@ -39,7 +41,7 @@ pub use self::tap::{tap_offload_flags, Tap, TapError};
 use super::guest_errors::GuestErrorLog;
 use super::{
     device_type, drain_queue, features, notify_if_needed, stop_on_broken_ring, ActivateError,
-    ActiveState, ChainOutcome, Interrupt, VirtioDevice, DRAIN_BUDGET,
+    ActiveState, ChainOutcome, Interrupt, VirtioCommon, VirtioDevice, DRAIN_BUDGET,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -97,7 +99,7 @@ pub mod feature {
 ///
 /// Each read or write moves one whole frame, vnet header first; neither ever blocks (they fail
 /// with `WouldBlock` instead), and the fd polls readable when a frame is waiting.
-pub trait NetBackend: Read + Write + AsRawFd + Send {
+pub trait NetBackend: Read + Write + AsRawFd + Send + 'static {
     /// Sets which offloads (`TUN_F_*`, see [`tap_offload_flags`]) frames read from the backend
     /// may carry.
     fn set_offload(&self, flags: u32) -> io::Result<()>;
@@ -196,10 +198,7 @@ pub struct Net<B = Tap> {
     backend: B,
     mac: Option<[u8; 6]>,
     mtu: Option<u16>,
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: [EventFd; 2],
-    activate_evt: EventFd,
+    common: VirtioCommon,
     rx_rate_limiter: RateLimiter,
     tx_rate_limiter: RateLimiter,
     active: Option<Active>,
@@ -223,7 +222,6 @@ impl<B: NetBackend> Net<B> {
         if let Some(mtu) = config.mtu.filter(|&mtu| mtu < MIN_MTU) {
             return Err(NetError::MtuTooSmall(mtu));
         }
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
         let mut avail_features = features::VERSION_1
             | features::RING_EVENT_IDX
             | features::RING_INDIRECT_DESC
@@ -248,10 +246,8 @@ impl<B: NetBackend> Net<B> {
             backend: config.tap,
             mac: config.mac,
             mtu: config.mtu,
-            avail_features,
-            acked_features: 0,
-            queue_evts: [eventfd()?, eventfd()?],
-            activate_evt: eventfd()?,
+            common: VirtioCommon::new(device_type::NET, avail_features, &[QUEUE_SIZE, QUEUE_SIZE])
+                .map_err(NetError::EventFd)?,
             rx_rate_limiter: RateLimiter::new(&config.rx_rate_limiter)
                 .map_err(NetError::RxRateLimiter)?,
             tx_rate_limiter: RateLimiter::new(&config.tx_rate_limiter)
@@ -329,7 +325,7 @@ impl<B: NetBackend> Net<B> {
             backend_errors,
             counters,
             log_name,
-            queue_evts,
+            common,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
@@ -370,7 +366,7 @@ impl<B: NetBackend> Net<B> {
         });
         match result {
             Ok(drained) if drained.more => {
-                let _ = queue_evts[TX_QUEUE].write(1);
+                common.renotify(TX_QUEUE);
             }
             Ok(_) => {}
             Err(e) => {
@@ -389,18 +385,17 @@ impl<B: NetBackend> Net<B> {
             rx_rate_limiter,
             rx_frame,
             rx_pending,
-            acked_features,
             errors,
             backend_errors,
             counters,
             log_name,
-            queue_evts,
+            common,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
             return;
         };
-        let mergeable = *acked_features & feature::MRG_RXBUF != 0;
+        let mergeable = common.has_acked(feature::MRG_RXBUF);
         let used_before = state.rx_queue.next_used();
         let mut frames_read = 0u32;
         let result = loop {
@@ -414,7 +409,7 @@ impl<B: NetBackend> Net<B> {
                     if frames_read >= DRAIN_BUDGET {
                         // Come back through the queue eventfd so other devices get their turn:
                         // the edge-triggered TAP would not report the frames still queued.
-                        let _ = queue_evts[RX_QUEUE].write(1);
+                        common.renotify(RX_QUEUE);
                         break Ok(());
                     }
                     match backend.read(rx_frame) {
@@ -517,24 +512,12 @@ fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 impl<B: NetBackend> VirtioDevice for Net<B> {
-    fn device_type(&self) -> u32 {
-        device_type::NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -551,7 +534,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         let [rx_queue, tx_queue]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| ActivateError::QueueCount { expected: 2, given })?;
-        let offloads = tap_offload_flags(self.acked_features);
+        let offloads = tap_offload_flags(self.common.acked_features());
         if let Err(e) = self.backend.set_offload(offloads) {
             // Without offloads the TAP hands over only finished frames, which every guest takes;
             // clear whatever an earlier activation enabled.
@@ -567,9 +550,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             rx_queue,
             tx_queue,
         });
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Wake(e.to_string()))
+        self.common.wake_on_activation()
     }
 
     fn reset(&mut self) {
@@ -581,6 +562,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        metrics::values(&self.counters())
     }
 }
 

@@ -778,7 +778,9 @@ fn event_loop_delivers_frames_from_before_activation() {
     let sent = frame(50, 5);
     mem.write_slice(&sent, GuestAddress(0x30_0000)).unwrap();
     add_chains(&vqs[1], &[&[desc(0x30_0000, sent.len() as u32, 0)]]);
-    net.lock().unwrap().queue_evts[TX_QUEUE].write(1).unwrap();
+    net.lock().unwrap().common.queue_evts()[TX_QUEUE]
+        .write(1)
+        .unwrap();
     manager.run_with_timeout(1000).unwrap();
     assert_eq!(host.recv().unwrap(), sent);
 }

@@ -1,7 +1,6 @@
 //! virtio-rng on the event loop: the one-queue glue of [`single_queue`](crate::virtio::single_queue).
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::Rng;
 use crate::rate_limiter::RateLimiter;
@@ -9,14 +8,6 @@ use crate::virtio::single_queue::{self, SingleQueueDevice};
 
 impl SingleQueueDevice for Rng {
     const LOG_NAME: &'static str = "virtio-rng";
-
-    fn queue_evt(&self) -> &EventFd {
-        &self.queue_evts[0]
-    }
-
-    fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
-    }
 
     fn rate_limiter(&mut self) -> &mut RateLimiter {
         &mut self.rate_limiter

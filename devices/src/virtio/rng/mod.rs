@@ -6,19 +6,21 @@
 //! limiter is charged for every byte before it is produced.
 
 mod event_handler;
+mod metrics;
 
 use std::io::Write;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+#[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::guest_errors::GuestErrorLog;
 use super::single_queue::ActiveQueue;
 use super::{
     device_type, drain_queue, features, stop_on_broken_ring, ActivateError, ChainOutcome,
-    Interrupt, VirtioDevice,
+    Interrupt, VirtioCommon, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
@@ -64,10 +66,8 @@ pub struct RngCounters {
 
 /// The entropy device.
 pub struct Rng {
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    common: VirtioCommon,
     rate_limiter: RateLimiter,
-    acked_features: u64,
     active: Option<ActiveQueue>,
     errors: GuestErrorLog,
     /// getrandom(2) failures: the host's fault, counted apart from the guest's.
@@ -81,12 +81,12 @@ pub struct Rng {
 impl Rng {
     /// Creates the device, limited by `rate_limit`.
     pub fn new(rate_limit: &RateLimiterConfig) -> Result<Self, RngError> {
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd);
+        let features =
+            features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC;
         Ok(Self {
-            queue_evts: [eventfd()?],
-            activate_evt: eventfd()?,
+            common: VirtioCommon::new(device_type::RNG, features, &[QUEUE_SIZE])
+                .map_err(RngError::EventFd)?,
             rate_limiter: RateLimiter::new(rate_limit)?,
-            acked_features: 0,
             active: None,
             errors: GuestErrorLog::default(),
             host_errors: GuestErrorLog::default(),
@@ -153,7 +153,7 @@ impl Rng {
         });
         match result {
             Ok(drained) if drained.more => {
-                let _ = self.queue_evts[0].write(1);
+                self.common.renotify(0);
             }
             Ok(_) => {}
             Err(e) => {
@@ -176,24 +176,12 @@ fn fill_random(writer: &mut impl Write, mut len: usize) -> Result<(), RequestErr
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        device_type::RNG
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -208,9 +196,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueue::new(mem, interrupt, queues)?);
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Wake(e.to_string()))
+        self.common.wake_on_activation()
     }
 
     fn reset(&mut self) {
@@ -219,6 +205,10 @@ impl VirtioDevice for Rng {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        metrics::values(&self.counters())
     }
 }
 

@@ -20,10 +20,19 @@ mod tag {
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         let sources = [
-            (self.queue_evts[RX_QUEUE].as_raw_fd(), tag::RX_QUEUE),
-            (self.queue_evts[TX_QUEUE].as_raw_fd(), tag::TX_QUEUE),
-            (self.queue_evts[EVENT_QUEUE].as_raw_fd(), tag::EVENT_QUEUE),
-            (self.activate_evt.as_raw_fd(), tag::ACTIVATE),
+            (
+                self.common.queue_evts()[RX_QUEUE].as_raw_fd(),
+                tag::RX_QUEUE,
+            ),
+            (
+                self.common.queue_evts()[TX_QUEUE].as_raw_fd(),
+                tag::TX_QUEUE,
+            ),
+            (
+                self.common.queue_evts()[EVENT_QUEUE].as_raw_fd(),
+                tag::EVENT_QUEUE,
+            ),
+            (self.common.activate_evt().as_raw_fd(), tag::ACTIVATE),
             (self.muxer.epoll_fd(), tag::HOST_SOCKETS),
             (self.muxer.sweep_fd(), tag::SWEEP),
         ];
@@ -38,19 +47,19 @@ impl MutEventSubscriber for Vsock {
         match events.data() {
             tag::RX_QUEUE => {
                 // Drain the notification even while inactive, or epoll would report it forever.
-                let _ = self.queue_evts[RX_QUEUE].read();
+                let _ = self.common.queue_evts()[RX_QUEUE].read();
                 self.process_rx();
             }
             tag::TX_QUEUE => {
-                let _ = self.queue_evts[TX_QUEUE].read();
+                let _ = self.common.queue_evts()[TX_QUEUE].read();
                 self.process_tx();
             }
             tag::EVENT_QUEUE => {
                 // New event buffers: kept for events the device never sends.
-                let _ = self.queue_evts[EVENT_QUEUE].read();
+                let _ = self.common.queue_evts()[EVENT_QUEUE].read();
             }
             tag::ACTIVATE => {
-                let _ = self.activate_evt.read();
+                let _ = self.common.activate_evt().read();
                 self.process_tx();
             }
             tag::HOST_SOCKETS => self.process_host_events(),

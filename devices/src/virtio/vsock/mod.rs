@@ -16,6 +16,7 @@
 
 mod connection;
 mod event_handler;
+mod metrics;
 pub mod muxer;
 pub mod packet;
 
@@ -27,6 +28,7 @@ use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
+#[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::connection::BUF_ALLOC;
@@ -35,7 +37,7 @@ use self::muxer::{Muxer, RxFill};
 use super::guest_errors::GuestErrorLog;
 use super::{
     device_type, drain_queue, features, notify_if_needed, pop_chain, stop_on_broken_ring,
-    ActivateError, ActiveState, ChainOutcome, Interrupt, VirtioDevice, DRAIN_BUDGET,
+    ActivateError, ActiveState, ChainOutcome, Interrupt, VirtioCommon, VirtioDevice, DRAIN_BUDGET,
 };
 
 /// Index of the receive queue (device → guest).
@@ -101,9 +103,7 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     log_name: String,
-    acked_features: u64,
-    queue_evts: [EventFd; 3],
-    activate_evt: EventFd,
+    common: VirtioCommon,
     muxer: Muxer,
     active: Option<Active>,
     errors: GuestErrorLog,
@@ -115,16 +115,18 @@ impl Vsock {
         if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&config.guest_cid) {
             return Err(VsockError::InvalidCid(config.guest_cid));
         }
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::Setup);
         let muxer = Muxer::new(config.guest_cid, config.listener, config.uds_path.clone())
             .map_err(VsockError::Setup)?;
         Ok(Self {
             guest_cid: config.guest_cid,
             log_name: format!("virtio-vsock {}", config.uds_path.display()),
             uds_path: config.uds_path,
-            acked_features: 0,
-            queue_evts: [eventfd()?, eventfd()?, eventfd()?],
-            activate_evt: eventfd()?,
+            common: VirtioCommon::new(
+                device_type::VSOCK,
+                features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC,
+                &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE],
+            )
+            .map_err(VsockError::Setup)?,
             muxer,
             active: None,
             errors: GuestErrorLog::default(),
@@ -158,7 +160,7 @@ impl Vsock {
             muxer,
             errors,
             log_name,
-            queue_evts,
+            common,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
@@ -176,7 +178,7 @@ impl Vsock {
         });
         match result {
             Ok(drained) if drained.more => {
-                let _ = queue_evts[TX_QUEUE].write(1);
+                common.renotify(TX_QUEUE);
             }
             Ok(_) => {}
             Err(e) => {
@@ -198,7 +200,7 @@ impl Vsock {
             muxer,
             errors,
             log_name,
-            queue_evts,
+            common,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
@@ -211,7 +213,7 @@ impl Vsock {
             while muxer.has_rx() {
                 if used >= DRAIN_BUDGET {
                     // Come back through the queue eventfd so other devices get their turn.
-                    let _ = queue_evts[RX_QUEUE].write(1);
+                    common.renotify(RX_QUEUE);
                     return Ok(());
                 }
                 let Some(chain) = pop_chain(queue, mem)? else {
@@ -265,24 +267,12 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        device_type::VSOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -307,9 +297,7 @@ impl VirtioDevice for Vsock {
             tx_queue,
             _event_queue: event_queue,
         });
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Wake(e.to_string()))
+        self.common.wake_on_activation()
     }
 
     fn reset(&mut self) {
@@ -320,6 +308,10 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        metrics::values(&self.counters(), self.guest_errors())
     }
 }
 

@@ -33,27 +33,9 @@ use crate::arch::x86_64::layout::{
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::vstate::vm::Vm;
 
-/// A virtio device as the VMM keeps it for runtime updates (PATCH after boot).
-pub struct AttachedDevice<D> {
-    /// The device's id (drive_id, iface_id).
-    pub id: String,
-    /// The device itself.
-    pub device: Arc<Mutex<D>>,
-    /// Its transport, to tell the guest that config space changed.
-    pub transport: Arc<Mutex<MmioTransport>>,
-}
+mod registry;
 
-/// One virtio device in the registry: what it is, where it sits, and its transport.
-pub struct RegisteredDevice {
-    /// The device's id (drive_id, iface_id, `rng`, `vsock`).
-    pub id: String,
-    /// Its virtio device type (2 block, 1 net, 4 entropy, 19 vsock).
-    pub device_type: u32,
-    /// Its MMIO window and interrupt line.
-    pub slot: VirtioSlot,
-    /// Its transport (registers, queue state), shared with the MMIO bus.
-    pub transport: Arc<Mutex<MmioTransport>>,
-}
+pub use registry::{locked, DeviceKind, DeviceRegistry, RegisteredDevice, RegistryError};
 
 /// A device's event handler, as the VMM's event loop holds it.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -138,6 +120,9 @@ pub enum DeviceError {
     /// More virtio devices than interrupt lines.
     #[error("no MMIO slot or interrupt line left for another virtio device")]
     NoSlot,
+    /// A virtio device type the registry has no kind for (a Kiln bug).
+    #[error("virtio device type with no registry kind")]
+    UnknownKind,
     /// A drive could not be set up (its image, usually).
     #[error("drive {id}: {source}")]
     Drive {
@@ -205,17 +190,11 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// The keyboard controller, which can send the guest Ctrl+Alt+Del.
     pub i8042: Arc<Mutex<I8042>>,
-    /// The device registry: every virtio device, in slot order. It hands out the slots, and
-    /// the guest learns of the devices from it ([`DeviceManager::virtio_cmdline_params`]).
-    pub registry: Vec<RegisteredDevice>,
+    /// The device registry: every device, virtio ones in slot order. It hands out the slots, and
+    /// the guest learns of the devices from it ([`DeviceRegistry::virtio_cmdline_params`]).
+    pub registry: DeviceRegistry,
     /// The virtio devices' event handlers, for the event loop.
     pub subscribers: Vec<SharedSubscriber>,
-    /// Block devices, for runtime updates.
-    pub drives: Vec<AttachedDevice<Block>>,
-    /// Network devices, for runtime updates.
-    pub nets: Vec<AttachedDevice<Net>>,
-    /// The vsock device, for metrics.
-    pub vsock: Option<AttachedDevice<Vsock>>,
     /// Removes the vsock device's host socket when the VM is gone.
     pub vsock_socket: Option<SocketGuard>,
 }
@@ -263,33 +242,30 @@ impl DeviceManager {
         Ok(Self {
             io_bus,
             mmio_bus: Bus::new(),
+            registry: DeviceRegistry::new(console.clone()),
             console,
             reset_evt,
             i8042,
-            registry: Vec::new(),
             subscribers: Vec::new(),
-            drives: Vec::new(),
-            nets: Vec::new(),
-            vsock: None,
             vsock_socket: None,
         })
     }
 
-    /// Puts `device` (named `id`) in the next slot: transport on the MMIO bus, an ioeventfd per
-    /// queue, an irqfd, and its event handler for the event loop. Returns the device and its
-    /// transport, for callers that update it at runtime.
+    /// Puts `device` (named `id`) in the registry's next slot: transport on the MMIO bus, an
+    /// ioeventfd per queue, an irqfd, and its event handler for the event loop. Runtime updates
+    /// find it in the registry by kind and id.
     pub fn attach_virtio<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
         id: String,
         device: D,
-    ) -> Result<AttachedDevice<D>, DeviceError>
+    ) -> Result<(), DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let slot = VirtioSlot::nth(self.registry.len()).ok_or(DeviceError::NoSlot)?;
-        let device_type = device.device_type();
+        let slot = self.registry.next_slot().ok_or(DeviceError::NoSlot)?;
+        let kind = DeviceKind::of(device.device_type()).ok_or(DeviceError::UnknownKind)?;
         let notify_addr = slot.base + QUEUE_NOTIFY_OFFSET;
         for (queue, evt) in device.queue_events().iter().enumerate() {
             // The datamatch is the queue index the driver writes to QueueNotify.
@@ -318,25 +294,13 @@ impl DeviceManager {
             .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
         self.subscribers.push(device.clone());
         self.registry.push(RegisteredDevice {
-            id: id.clone(),
-            device_type,
-            slot,
-            transport: transport.clone(),
-        });
-        Ok(AttachedDevice {
             id,
+            kind,
+            slot,
             device,
             transport,
-        })
-    }
-
-    /// The kernel command line parameters that announce every registered virtio device to the
-    /// guest's virtio-mmio driver, in slot order.
-    pub fn virtio_cmdline_params(&self) -> Vec<String> {
-        self.registry
-            .iter()
-            .map(|entry| entry.slot.cmdline_param())
-            .collect()
+        });
+        Ok(())
     }
 }
 
