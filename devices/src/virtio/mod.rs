@@ -11,6 +11,7 @@
 //! Invariant: a device only touches guest memory through vm-memory, and only at addresses a
 //! descriptor the guest placed on an activated queue names.
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod guest_errors;
