@@ -5,7 +5,10 @@
 use serde::Serialize;
 
 use crate::http::HttpResponse;
-use crate::models::{FirecrackerVersion, FullVmConfiguration, InstanceInfo, MachineConfiguration};
+use crate::models::{
+    Balloon, BalloonStats, FirecrackerVersion, FullVmConfiguration, HintingStatus, InstanceInfo,
+    MachineConfiguration,
+};
 
 /// What a request that succeeded gives back.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +23,12 @@ pub enum VmmData {
     MachineConfig(MachineConfiguration),
     /// `GET /vm/config`.
     VmConfig(Box<FullVmConfiguration>),
+    /// `GET /balloon`.
+    BalloonConfig(Balloon),
+    /// `GET /balloon/statistics`.
+    BalloonStats(Box<BalloonStats>),
+    /// `GET /balloon/hinting/status`.
+    BalloonHintingStatus(HintingStatus),
 }
 
 /// Why a request was not carried out. The message is the client's `fault_message`.
@@ -75,6 +84,9 @@ pub fn to_response(outcome: &VmmOutcome) -> HttpResponse {
         Ok(VmmData::Version(version)) => json(version),
         Ok(VmmData::MachineConfig(config)) => json(config),
         Ok(VmmData::VmConfig(config)) => json(config),
+        Ok(VmmData::BalloonConfig(config)) => json(config),
+        Ok(VmmData::BalloonStats(stats)) => json(stats),
+        Ok(VmmData::BalloonHintingStatus(status)) => json(status),
         Err(e) => HttpResponse::fault(e.status(), &e.to_string()),
     }
 }

@@ -17,7 +17,8 @@ const IDS: &[&str] = &["rootfs", "eth0", "drive1", "", "a/b", "with space", "ü"
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let (method, template) = ROUTES[usize::from(input.u8()) % ROUTES.len()];
+    let route = ROUTES[usize::from(input.u8()) % ROUTES.len()];
+    let (method, template) = (route.method, route.path);
     let id = IDS[usize::from(input.u8()) % IDS.len()];
     let path = match template.split_once('{') {
         Some((prefix, _)) => format!("{prefix}{id}"),

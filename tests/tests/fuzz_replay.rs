@@ -275,7 +275,8 @@ fn api_body_inputs_leave_kiln_serving() {
         let route = bytes.first().copied().unwrap_or(0);
         let id = bytes.get(1).copied().unwrap_or(0);
         let body = bytes.get(2..).unwrap_or_default();
-        let (method, template) = ROUTES[usize::from(route) % ROUTES.len()];
+        let route = ROUTES[usize::from(route) % ROUTES.len()];
+        let (method, template) = (route.method, route.path);
         let id = IDS[usize::from(id) % IDS.len()];
         let path_in_url = match template.split_once('{') {
             Some((prefix, _)) => format!("{prefix}{id}"),

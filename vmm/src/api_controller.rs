@@ -15,13 +15,10 @@ use api::models::{
 use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
 
-use devices::virtio::block::Block;
-use devices::virtio::net::Net;
-
-use crate::device_manager::{locked, DeviceKind};
-use crate::machine::{RunningVm, VmmEvent};
-use crate::metrics::{MetricsError, METRICS};
-use crate::resources::{ResourceError, VmResources};
+use crate::machine::{Vmm, VmmEvent};
+use crate::metrics::METRICS;
+use crate::resources::{balloon_model, ResourceError, VmResources};
+use crate::vmm_actions::VmmError;
 
 /// The Firecracker API version Kiln serves (its OpenAPI document's version).
 pub const API_VERSION: &str = "1.17.0";
@@ -116,6 +113,13 @@ impl ApiController {
                 Ok(VmmData::Empty)
             }
             ApiRequest::PutSerial(serial) => done(r.put_serial(serial)),
+            ApiRequest::PutBalloon(balloon) => done(r.put_balloon(&balloon)),
+            ApiRequest::PatchBalloon(update) => done(r.patch_balloon(&update)),
+            ApiRequest::PatchBalloonStats(update) => done(r.patch_balloon_stats(&update)),
+            ApiRequest::GetBalloon => r
+                .balloon()
+                .map(VmmData::BalloonConfig)
+                .map_err(VmmActionError::refused),
             ApiRequest::PutVsock(vsock) => {
                 // Replaces any earlier one; the socket is bound at InstanceStart.
                 r.vsock = Some(vsock);
@@ -132,6 +136,10 @@ impl ApiController {
             ApiRequest::PatchDrive(_)
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PatchVm(_)
+            | ApiRequest::GetBalloonStats
+            | ApiRequest::StartBalloonHinting(_)
+            | ApiRequest::GetBalloonHintingStatus
+            | ApiRequest::StopBalloonHinting
             | ApiRequest::Action(ActionType::SendCtrlAltDel | ActionType::FlushMetrics) => {
                 refused(NOT_BEFORE_START)
             }
@@ -144,7 +152,7 @@ impl ApiController {
     }
 
     /// Handles a request while the VM runs.
-    pub fn runtime(&mut self, request: ApiRequest, vm: &mut RunningVm<'_>) -> VmmOutcome {
+    pub fn runtime(&mut self, request: ApiRequest, vm: &mut Vmm) -> VmmOutcome {
         let state = if vm.is_paused() {
             InstanceState::Paused
         } else {
@@ -173,20 +181,8 @@ impl ApiController {
             ApiRequest::Action(ActionType::InstanceStart) => {
                 refused("The microVM is already running.")
             }
-            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
-                match locked(&vm.devices().i8042).trigger_ctrl_alt_del() {
-                    Ok(()) => Ok(VmmData::Empty),
-                    Err(e) => refused(format!("Failed to send Ctrl+Alt+Del: {e}")),
-                }
-            }
-            // As Firecracker: without a metrics output there is nothing to flush, and that is
-            // not an error (clients flush on a timer whether or not metrics were set up).
-            ApiRequest::Action(ActionType::FlushMetrics) => {
-                match METRICS.flush(&vm.devices().registry.metric_groups()) {
-                    Ok(()) | Err(MetricsError::NotConfigured) => Ok(VmmData::Empty),
-                    Err(e) => refused(format!("Metrics error: {e}")),
-                }
-            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => done_vmm(vm.send_ctrl_alt_del()),
+            ApiRequest::Action(ActionType::FlushMetrics) => done_vmm(vm.flush_metrics()),
             ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Unable to patch the block device: {e}")),
@@ -195,6 +191,41 @@ impl ApiController {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Unable to patch the network interface: {e}")),
             },
+            ApiRequest::GetBalloon => vm
+                .balloon_config()
+                .map(|config| VmmData::BalloonConfig(balloon_model(&config)))
+                .map_err(vmm_error),
+            ApiRequest::PatchBalloon(update) => {
+                if let Err(e) = self.resources.check_balloon_size(update.amount_mib) {
+                    return refused(e);
+                }
+                vm.update_balloon(update.amount_mib).map_err(vmm_error)?;
+                if let Some(stored) = self.resources.balloon.as_mut() {
+                    stored.amount_mib = update.amount_mib;
+                }
+                Ok(VmmData::Empty)
+            }
+            ApiRequest::GetBalloonStats => vm
+                .balloon_stats()
+                .map(|stats| VmmData::BalloonStats(Box::new(stats)))
+                .map_err(vmm_error),
+            ApiRequest::PatchBalloonStats(update) => {
+                let interval = update.stats_polling_interval_s;
+                vm.update_balloon_stats_interval(interval)
+                    .map_err(vmm_error)?;
+                if let Some(stored) = self.resources.balloon.as_mut() {
+                    stored.stats_polling_interval_s = interval;
+                }
+                Ok(VmmData::Empty)
+            }
+            ApiRequest::StartBalloonHinting(cmd) => {
+                done_vmm(vm.start_balloon_hinting(cmd.acknowledge_on_stop))
+            }
+            ApiRequest::GetBalloonHintingStatus => vm
+                .balloon_hinting_status()
+                .map(VmmData::BalloonHintingStatus)
+                .map_err(vmm_error),
+            ApiRequest::StopBalloonHinting => done_vmm(vm.stop_balloon_hinting()),
             _ => refused(NOT_AFTER_START),
         }
     }
@@ -251,49 +282,41 @@ pub fn run_pre_boot<T>(
 impl ApiController {
     /// `PATCH /drives/{id}` after boot: a new backing file (the guest is told its capacity may
     /// have changed) and/or new rate limits (buckets left out keep their settings).
-    fn patch_drive(&mut self, patch: &PartialDrive, vm: &RunningVm<'_>) -> Result<(), String> {
+    fn patch_drive(&mut self, patch: &PartialDrive, vm: &Vmm) -> Result<(), VmmError> {
         let stored = self
             .resources
             .drives
             .iter_mut()
             .find(|d| d.drive_id == patch.drive_id)
-            .ok_or_else(|| format!("no drive with id {}", patch.drive_id))?;
+            .ok_or_else(|| VmmError::NoDevice(format!("no drive with id {}", patch.drive_id)))?;
         let merged = patch
             .rate_limiter
             .as_ref()
             .map(|limits| merge_limits(stored.rate_limiter.unwrap_or_default(), limits));
-        vm.devices()
-            .registry
-            .with_device::<Block, _>(DeviceKind::Block, &patch.drive_id, |block, transport| {
-                if let Some(path) = &patch.path_on_host {
-                    block.update_disk(path).map_err(|e| e.to_string())?;
-                    transport.config_changed();
-                    stored.path_on_host = Some(path.clone());
-                }
-                if let Some(merged) = merged {
-                    block
-                        .update_rate_limiter(&merged)
-                        .map_err(|e| e.to_string())?;
-                    stored.rate_limiter = Some(merged);
-                }
-                Ok::<(), String>(())
-            })
-            .map_err(|e| e.to_string())??;
+        vm.update_drive(
+            &patch.drive_id,
+            patch.path_on_host.as_deref(),
+            merged.as_ref(),
+        )?;
+        if let Some(path) = &patch.path_on_host {
+            stored.path_on_host = Some(path.clone());
+        }
+        if merged.is_some() {
+            stored.rate_limiter = merged;
+        }
         Ok(())
     }
 
     /// `PATCH /network-interfaces/{id}` after boot: new rx and/or tx rate limits.
-    fn patch_net(
-        &mut self,
-        patch: &PartialNetworkInterface,
-        vm: &RunningVm<'_>,
-    ) -> Result<(), String> {
+    fn patch_net(&mut self, patch: &PartialNetworkInterface, vm: &Vmm) -> Result<(), VmmError> {
         let stored = self
             .resources
             .nets
             .iter_mut()
             .find(|n| n.iface_id == patch.iface_id)
-            .ok_or_else(|| format!("no network interface with id {}", patch.iface_id))?;
+            .ok_or_else(|| {
+                VmmError::NoDevice(format!("no network interface with id {}", patch.iface_id))
+            })?;
         let rx = patch
             .rx_rate_limiter
             .as_ref()
@@ -302,13 +325,7 @@ impl ApiController {
             .tx_rate_limiter
             .as_ref()
             .map(|p| merge_limits(stored.tx_rate_limiter.unwrap_or_default(), p));
-        vm.devices()
-            .registry
-            .with_device::<Net, _>(DeviceKind::Net, &patch.iface_id, |net, _| {
-                net.update_rate_limiters(rx.as_ref(), tx.as_ref())
-            })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        vm.update_net_rate_limits(&patch.iface_id, rx.as_ref(), tx.as_ref())?;
         if rx.is_some() {
             stored.rx_rate_limiter = rx;
         }
@@ -317,6 +334,18 @@ impl ApiController {
         }
         Ok(())
     }
+}
+
+/// A runtime action's failure as the client's refusal (a Kiln bug as an internal error).
+fn vmm_error(e: VmmError) -> VmmActionError {
+    match e {
+        VmmError::Internal(_) => VmmActionError::Internal(e.to_string()),
+        other => VmmActionError::refused(other),
+    }
+}
+
+fn done_vmm(result: Result<(), VmmError>) -> VmmOutcome {
+    result.map(|()| VmmData::Empty).map_err(vmm_error)
 }
 
 /// Firecracker's PATCH semantics for rate limiters: a bucket left out keeps its settings.
@@ -498,6 +527,62 @@ mod tests {
         let merged = merge_limits(old, &patch);
         assert_eq!(merged.bandwidth, Some(bucket(1000)));
         assert_eq!(merged.ops, Some(bucket(20)));
+    }
+
+    #[test]
+    fn balloon_before_start() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let r = pre(&mut c, "GET", "/balloon", "");
+        assert_eq!(
+            (r.status(), body(&r)["fault_message"].clone()),
+            (400, "No balloon device found.".into())
+        );
+        let r = pre(&mut c, "PATCH", "/balloon", r#"{"amount_mib":1}"#);
+        assert_eq!(r.status(), 400);
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":4096,"deflate_on_oom":true}"#,
+        );
+        assert_eq!(r.status(), 400, "bigger than the default 128 MiB guest");
+        assert!(body(&r)["fault_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Amount of pages requested is too large"));
+        let r = pre(
+            &mut c,
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":5}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let r = pre(&mut c, "PATCH", "/balloon", r#"{"amount_mib":32}"#);
+        assert_eq!(r.status(), 204);
+        let r = pre(
+            &mut c,
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s":1}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let got = body(&pre(&mut c, "GET", "/balloon", ""));
+        assert_eq!(
+            got,
+            serde_json::json!({"amount_mib":32,"deflate_on_oom":true,"stats_polling_interval_s":1,
+                "free_page_hinting":false,"free_page_reporting":false})
+        );
+        assert_eq!(body(&pre(&mut c, "GET", "/vm/config", ""))["balloon"], got);
+        for (method, path) in [
+            ("GET", "/balloon/statistics"),
+            ("GET", "/balloon/hinting/status"),
+            ("PATCH", "/balloon/hinting/start"),
+            ("PATCH", "/balloon/hinting/stop"),
+        ] {
+            let r = pre(&mut c, method, path, "");
+            assert_eq!(r.status(), 400);
+            assert_eq!(body(&r)["fault_message"], NOT_BEFORE_START);
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Assembles a microVM, top to bottom: memory → kernel and initrd → VM → device backends →
-//! console → devices (each registered in the device registry, which hands out its slot) → the
-//! command line announcing the registry's devices and the boot tables → vCPUs.
+//! console → devices (each registered in the device registry, which hands out its slot) → vCPUs
+//! → the rest of the interrupt controller → the command line announcing the registry's devices
+//! and the boot structures → the vCPUs' boot state. Every architecture-specific step is a call
+//! into [`crate::arch`].
 //!
 //! Everything the user can get wrong (images, command line, disk files, TAPs) is checked before
 //! the console file is created, so bad input leaves nothing behind: the command line's room for
@@ -10,16 +12,10 @@ use devices::legacy::BootTimer;
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::boot_params::{self, ZeroPageInputs};
-use crate::arch::x86_64::layout::low_ram_end;
-use crate::arch::x86_64::mptable;
-use crate::arch::x86_64::pvh;
-use crate::arch::x86_64::regs::EntryPoint;
+use crate::arch::{self, BootError, EntryPoint, HostQuirks, LoadedKernel, LoaderError};
 use crate::config::{ConsoleConfig, VmConfig};
-use crate::device_manager::{self, DeviceError, DeviceManager, VirtioSlot};
+use crate::device_manager::{self, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::host_quirks::HostQuirks;
-use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -34,15 +30,9 @@ pub enum BuildError {
     /// Kernel, initrd or command line.
     #[error(transparent)]
     Loader(#[from] LoaderError),
-    /// Boot tables in guest memory.
-    #[error("writing boot structures: {0}")]
-    BootParams(#[from] boot_params::BootParamsError),
-    /// The MP table.
+    /// The boot structures in guest memory.
     #[error(transparent)]
-    Mptable(#[from] mptable::MptableError),
-    /// PVH start info.
-    #[error("writing the PVH start info: {0}")]
-    Pvh(#[source] vm_memory::GuestMemoryError),
+    Boot(#[from] BootError),
     /// The console sink.
     #[error("console file {path}: {source}")]
     Console {
@@ -76,14 +66,6 @@ impl BuildError {
     }
 }
 
-/// Picks the entry protocol: PVH when the kernel has it and the host allows it, else 64-bit Linux.
-pub fn choose_entry(kernel: &LoadedKernel, quirks: &HostQuirks) -> EntryPoint {
-    match kernel.pvh_entry {
-        Some(pvh) if quirks.allows_pvh() => EntryPoint::Pvh(pvh),
-        _ => EntryPoint::Linux64(kernel.linux64_entry),
-    }
-}
-
 /// The root drive's command line parameter, if there is a root drive (always the first, vda).
 fn root_param(config: &VmConfig) -> Option<String> {
     config
@@ -101,7 +83,7 @@ fn full_cmdline<'a>(
     root: Option<&'a str>,
     devices: &'a [String],
 ) -> Result<linux_loader::cmdline::Cmdline, LoaderError> {
-    loader::build_cmdline(
+    arch::build_cmdline(
         std::iter::once(config.cmdline.as_str())
             .chain(quirks.guest_cmdline())
             .chain(root)
@@ -112,12 +94,12 @@ fn full_cmdline<'a>(
 /// Checks, before anything is created, that the command line will fit once the registry adds
 /// the devices' announcements, by keeping the room the longest of them would take.
 fn check_cmdline_room(config: &VmConfig, quirks: &HostQuirks) -> Result<(), LoaderError> {
-    let room = vec![VirtioSlot::longest_cmdline_param(); config.virtio_device_count()];
+    let room = arch::announcement_room(config.virtio_device_count());
     full_cmdline(config, quirks, root_param(config).as_deref(), &room).map(|_| ())
 }
 
-/// Writes the command line (announcing the devices in `devices`' registry), the zero page or
-/// PVH start info, and the MP table; returns the entry point.
+/// Writes the command line (announcing the devices of `devices`' registry) and the
+/// architecture's boot structures; returns where the boot vCPU enters the kernel.
 fn write_boot_tables(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
@@ -126,27 +108,19 @@ fn write_boot_tables(
     initrd: Option<(u64, u64)>,
     devices: &DeviceManager,
 ) -> Result<EntryPoint, BuildError> {
-    let announced = devices.registry.virtio_cmdline_params();
+    let announced = arch::announce_devices(&devices.registry);
     let cmdline = full_cmdline(config, quirks, root_param(config).as_deref(), &announced)?;
-    let (cmdline_addr, cmdline_len) = loader::load_cmdline(mem, &cmdline)?;
-    let entry = choose_entry(kernel, quirks);
-    match entry {
-        EntryPoint::Linux64(_) => {
-            let params = boot_params::build_zero_page(&ZeroPageInputs {
-                setup_header: kernel.setup_header,
-                cmdline_addr,
-                cmdline_len,
-                initrd,
-                mem_size: config.mem_bytes(),
-            })?;
-            boot_params::write_zero_page(mem, &params)?;
-        }
-        EntryPoint::Pvh(_) => {
-            pvh::write_start_info(mem, cmdline_addr, initrd, config.mem_bytes())
-                .map_err(BuildError::Pvh)?;
-        }
-    }
-    mptable::write_mptable(mem, config.vcpus)?;
+    let cmdline = arch::load_cmdline(mem, &cmdline)?;
+    let entry = arch::choose_entry(kernel, quirks.allows_pvh());
+    arch::configure_system(
+        mem,
+        entry,
+        kernel,
+        cmdline,
+        initrd,
+        config.mem_bytes(),
+        config.vcpus,
+    )?;
     Ok(entry)
 }
 
@@ -159,11 +133,11 @@ pub fn build_microvm(
     // Firecracker's boot time counts from the start of the build (InstanceStart being served).
     let boot_timer = config.boot_timer.then(BootTimer::new);
     let mem = memory::create_guest_memory(config.mem_bytes())?;
-    let kernel = loader::load_kernel(&mem, &config.kernel)?;
+    let kernel = arch::load_kernel(&mem, &config.kernel)?;
     let initrd = config
         .initrd
         .as_deref()
-        .map(|path| loader::load_initrd(&mem, path, low_ram_end(config.mem_bytes()), kernel.end))
+        .map(|path| arch::place_initrd(&mem, path, config.mem_bytes(), &kernel))
         .transpose()?;
     check_cmdline_room(config, quirks)?;
 
@@ -191,6 +165,11 @@ pub fn build_microvm(
         .vsock
         .as_ref()
         .map(device_manager::create_vsock)
+        .transpose()?;
+    let balloon = config
+        .balloon
+        .as_ref()
+        .map(device_manager::create_balloon)
         .transpose()?;
 
     let console_out = config
@@ -220,66 +199,41 @@ pub fn build_microvm(
         devices.attach_virtio(&vm, &mem, "vsock".to_string(), vsock)?;
         devices.vsock_socket = Some(socket);
     }
+    if let Some(balloon) = balloon {
+        devices.attach_virtio(&vm, &mem, device_manager::BALLOON_ID.to_string(), balloon)?;
+    }
     if let Some(timer) = boot_timer {
         devices.attach_boot_timer(timer)?;
     }
-    let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &devices)?;
     let registry = devices.registry.clone();
     let event_loop = EventLoop::new(
         &devices.subscribers,
         Box::new(move || registry.metric_groups()),
     )?;
 
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(
-            &vm,
-            index,
-            devices.io_bus.clone(),
-            devices.mmio_bus.clone(),
-            mem.clone(),
-        )?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| {
+            Vcpu::new(
+                &vm,
+                index,
+                devices.io_bus.clone(),
+                devices.mmio_bus.clone(),
+                mem.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Some interrupt controllers (arm64's GIC) can only be created once the vCPUs exist.
+    vm.finish_irqchip(config.vcpus)?;
+    let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &devices)?;
+    for vcpu in &vcpus {
         let refused = vcpu.configure(kvm, config.vcpus, entry)?;
-        if index == 0 && !refused.is_empty() {
+        if vcpu.index() == 0 && !refused.is_empty() {
             let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
             log::warn!(
-                "KVM refused boot MSRs {} (left at reset values)",
+                "KVM refused boot registers {} (left at reset values)",
                 list.join(", ")
             );
         }
-        vcpus.push(vcpu);
     }
     Ok(MicroVm::new(vm, mem, devices, event_loop, vcpus))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn kernel(pvh: Option<u64>) -> LoadedKernel {
-        LoadedKernel {
-            linux64_entry: 0x100_0000,
-            pvh_entry: pvh,
-            end: 0x200_0000,
-            setup_header: None,
-        }
-    }
-
-    #[test]
-    fn entry_choice() {
-        let plain = HostQuirks::default();
-        let pvm = HostQuirks { nested_pvm: true };
-        assert_eq!(
-            choose_entry(&kernel(None), &plain),
-            EntryPoint::Linux64(0x100_0000)
-        );
-        assert_eq!(
-            choose_entry(&kernel(Some(0x100_0400)), &plain),
-            EntryPoint::Pvh(0x100_0400)
-        );
-        assert_eq!(
-            choose_entry(&kernel(Some(0x100_0400)), &pvm),
-            EntryPoint::Linux64(0x100_0000)
-        );
-    }
 }

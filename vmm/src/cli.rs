@@ -6,8 +6,9 @@ use api::models::{LogLevel, Logger, Metrics};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::ConsoleConfig;
-use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
+use crate::device_config::{parse_balloon, DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::seccomp::SeccompFilters;
+use devices::virtio::balloon::BalloonConfig;
 
 /// Kiln: a KVM microVM monitor.
 ///
@@ -193,6 +194,11 @@ pub struct RunArgs {
     /// port P reach PATH_P.
     #[arg(long, value_name = "OPTS")]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (Firecracker's fields):
+    /// amount_mib=N[,deflate_on_oom][,stats_polling_interval_s=S][,free_page_hinting]
+    /// [,free_page_reporting]. It starts at amount_mib; the guest gives that much back.
+    #[arg(long, value_name = "OPTS", value_parser = parse_balloon)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MIN_MEM_SIZE};
-use crate::arch::x86_64::mptable;
+use crate::arch::layout::{FIRST_DEVICE_GSI, LAST_DEVICE_GSI, MIN_MEM_SIZE};
+use crate::arch::MAX_VCPUS;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use devices::legacy::OutputLimits;
 use devices::rate_limiter::TokenBucketConfig;
+use devices::virtio::balloon::BalloonConfig;
 
 /// Most virtio devices a guest can have: one interrupt line each.
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
@@ -83,14 +84,15 @@ impl ConsoleConfig {
 /// buffer takes what it can), and a reader that stops reading makes the guest's output be
 /// dropped instead of stalling the vCPU that writes it.
 fn open_console_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let file = crate::logger::open_nonblocking_output(path, crate::logger::OutputMode::Truncate)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::new(e.kind(), "it is a symbolic link")
-            } else {
-                e
-            }
-        })?;
+    let file =
+        crate::output_file::open_nonblocking_output(path, crate::output_file::OutputMode::Truncate)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::new(e.kind(), "it is a symbolic link")
+                } else {
+                    e
+                }
+            })?;
     // (A directory is refused by the open itself: EISDIR.)
     Ok(file)
 }
@@ -134,6 +136,17 @@ pub enum ConfigError {
     /// More devices than interrupt lines.
     #[error("{0} virtio devices asked for; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
+    /// A balloon bigger than the guest's memory (Firecracker's first sentence).
+    #[error(
+        "Amount of pages requested is too large: a {amount_mib} MiB balloon in a {mem_mib} MiB \
+         guest."
+    )]
+    BalloonTooLarge {
+        /// The balloon's size in MiB.
+        amount_mib: u32,
+        /// The guest's memory in MiB.
+        mem_mib: u64,
+    },
 }
 
 /// What the host allows.
@@ -180,6 +193,8 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The balloon device, if any; never larger than the guest's memory.
+    pub balloon: Option<BalloonConfig>,
     /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
     /// `BOOT_TIMER_ADDR` logs its boot time. Off after [`VmConfigRequest::validate`]; the caller
     /// turns it on.
@@ -211,12 +226,14 @@ pub struct VmConfigRequest {
     pub rng: Option<RngConfig>,
     /// The vsock device.
     pub vsock: Option<VsockConfig>,
+    /// The balloon device.
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl VmConfigRequest {
     /// Checks the request against the host's limits.
     pub fn validate(self, limits: HostLimits) -> Result<VmConfig, ConfigError> {
-        let max = limits.max_vcpus.min(usize::from(mptable::MAX_CPUS)) as u8;
+        let max = limits.max_vcpus.min(usize::from(MAX_VCPUS)) as u8;
         let vcpus = u8::try_from(self.vcpus)
             .ok()
             .filter(|n| (1..=max).contains(n))
@@ -235,6 +252,9 @@ impl VmConfigRequest {
                 host: limits.mem_mib,
             });
         }
+        if let Some(balloon) = &self.balloon {
+            check_balloon_size(balloon.amount_mib, self.mem_mib)?;
+        }
         let (drives, nets) = name_devices(self.drives, self.nets)?;
         let config = VmConfig {
             kernel: self.kernel,
@@ -248,6 +268,7 @@ impl VmConfigRequest {
             nets,
             rng: self.rng,
             vsock: self.vsock,
+            balloon: self.balloon,
             boot_timer: false,
         };
         let count = config.virtio_device_count();
@@ -256,6 +277,17 @@ impl VmConfigRequest {
         }
         Ok(config)
     }
+}
+
+/// A balloon may hold at most the guest's memory (Firecracker's rule).
+pub fn check_balloon_size(amount_mib: u32, mem_mib: u64) -> Result<(), ConfigError> {
+    if u64::from(amount_mib) > mem_mib {
+        return Err(ConfigError::BalloonTooLarge {
+            amount_mib,
+            mem_mib,
+        });
+    }
+    Ok(())
 }
 
 /// Gives unnamed devices ids (`drive0`, `net0`, ... by position), checks ids are unique and at most
@@ -306,13 +338,14 @@ impl VmConfig {
         }
     }
 
-    /// How many virtio devices the VM has (drives, nets, rng, vsock), each taking one MMIO slot
-    /// and GSI.
+    /// How many virtio devices the VM has (drives, nets, rng, vsock, balloon), each taking one
+    /// MMIO slot and GSI.
     pub fn virtio_device_count(&self) -> usize {
         self.drives.len()
             + self.nets.len()
             + usize::from(self.rng.is_some())
             + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
     }
 
     /// Guest RAM in bytes.
@@ -343,6 +376,7 @@ mod tests {
             nets: Vec::new(),
             rng: None,
             vsock: None,
+            balloon: None,
         }
     }
 

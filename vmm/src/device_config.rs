@@ -6,6 +6,8 @@
 //! - `--net tap=NAME[,id=ID][,mac=MAC][,mtu=N][,rx_RATE...][,tx_RATE...]`
 //! - `--rng [RATE...]`
 //! - `--vsock cid=N,uds=PATH`
+//! - `--balloon amount_mib=N[,deflate_on_oom][,stats_polling_interval_s=S][,free_page_hinting]`
+//!   `[,free_page_reporting]` (Firecracker's field names; flags take `=on|off`)
 //!
 //! where RATE is a rate limiter key (Cloud Hypervisor's names): `bw_size`, `bw_one_time_burst`,
 //! `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (sizes in bytes or
@@ -15,6 +17,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::balloon::BalloonConfig;
 
 /// Errors in a device option string.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -325,10 +328,72 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// Parses `--balloon`'s options (a function, not `FromStr`: the config is the device's own type).
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, DeviceOptionError> {
+    let mut config = BalloonConfig::default();
+    let mut amount = None;
+    for (key, value) in options(s)? {
+        match key {
+            "amount_mib" => {
+                let v = required(key, value)?;
+                amount = Some(
+                    v.parse::<u32>()
+                        .map_err(|e| bad_value(key, v, e.to_string()))?,
+                );
+            }
+            "deflate_on_oom" => config.deflate_on_oom = flag(key, value)?,
+            "stats_polling_interval_s" => {
+                let v = required(key, value)?;
+                config.stats_polling_interval_s = v
+                    .parse::<u16>()
+                    .map_err(|e| bad_value(key, v, e.to_string()))?;
+            }
+            "free_page_hinting" => config.free_page_hinting = flag(key, value)?,
+            "free_page_reporting" => config.free_page_reporting = flag(key, value)?,
+            _ => return Err(DeviceOptionError::UnknownKey(key.to_string())),
+        }
+    }
+    config.amount_mib = amount.ok_or(DeviceOptionError::Missing("amount_mib"))?;
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use devices::rate_limiter::TokenBucketConfig;
+
+    #[test]
+    fn balloon_options() {
+        let b = parse_balloon("amount_mib=64,deflate_on_oom,stats_polling_interval_s=2").unwrap();
+        assert_eq!(
+            b,
+            BalloonConfig {
+                amount_mib: 64,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 2,
+                free_page_hinting: false,
+                free_page_reporting: false,
+            }
+        );
+        let b = parse_balloon("free_page_reporting=on,amount_mib=0,free_page_hinting").unwrap();
+        assert!(b.free_page_reporting && b.free_page_hinting && !b.deflate_on_oom);
+        assert_eq!(
+            parse_balloon("deflate_on_oom"),
+            Err(DeviceOptionError::Missing("amount_mib"))
+        );
+        assert!(matches!(
+            parse_balloon("amount_mib=-1"),
+            Err(DeviceOptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_balloon("amount_mib=1,stats_polling_interval_s=70000"),
+            Err(DeviceOptionError::BadValue { .. })
+        ));
+        assert_eq!(
+            parse_balloon("amount_mib=1,size=2"),
+            Err(DeviceOptionError::UnknownKey("size".into()))
+        );
+    }
 
     #[test]
     fn vsock() {

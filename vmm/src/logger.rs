@@ -15,16 +15,15 @@
 //!   `O_NONBLOCK`): a line that cannot be written is dropped and counted in the metrics'
 //!   `logger.missed_log_count`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use api::models::{LogLevel, Logger as LoggerConfig};
 use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::metrics::METRICS;
+use crate::output_file::{open_output, OutputError};
 
 /// The level before anything configures one, and whenever a configuration leaves it out
 /// (Firecracker's default; every message Kiln printed before it had levels is `Info` or above).
@@ -32,23 +31,6 @@ pub const DEFAULT_LEVEL: LevelFilter = LevelFilter::Info;
 
 /// The process's logger, installed by [`install`].
 pub static LOGGER: Logger = Logger::new();
-
-/// Errors in opening a log or metrics output.
-#[derive(Debug, thiserror::Error)]
-pub enum OutputError {
-    /// The path is a symbolic link, which Kiln does not follow for the files it writes.
-    #[error("{}: is a symbolic link; Kiln does not follow links for its log and metrics outputs (give the target's path)", .0.display())]
-    Symlink(PathBuf),
-    /// The file could not be opened or created.
-    #[error("{}: {source}", path.display())]
-    Open {
-        /// The path as given.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-}
 
 /// Errors in installing or configuring the logger.
 #[derive(Debug, thiserror::Error)]
@@ -59,54 +41,6 @@ pub enum LoggerError {
     /// Another logger was installed first.
     #[error("installing the logger: another logger is already installed")]
     Install,
-}
-
-/// Opens `path` for appending, as Kiln opens its log and metrics outputs: created 0600 if missing,
-/// never through a symbolic link (`O_NOFOLLOW`), close-on-exec, and non-blocking so a full pipe
-/// drops output instead of stalling the thread that writes.
-///
-/// A named pipe is accepted like a file. Opening one write-only fails while it has no reader, so
-/// Kiln then opens it read-write, as Firecracker does: Linux lets that open succeed at once, and
-/// output is buffered in the pipe until a reader comes.
-pub fn open_output(path: &Path) -> Result<File, OutputError> {
-    open_nonblocking_output(path, OutputMode::Append).map_err(|source| {
-        match source.raw_os_error() {
-            Some(libc::ELOOP) => OutputError::Symlink(path.to_path_buf()),
-            _ => OutputError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
-        }
-    })
-}
-
-/// How [`open_nonblocking_output`] starts: after what the file holds, or empty.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputMode {
-    /// Append (the log, the metrics).
-    Append,
-    /// Truncate first (a console file, one per boot).
-    Truncate,
-}
-
-/// Opens an output as [`open_output`] describes (0600, `O_NOFOLLOW`, close-on-exec,
-/// non-blocking, a FIFO without a reader opened read-write), appending or truncating.
-pub fn open_nonblocking_output(path: &Path, mode: OutputMode) -> std::io::Result<File> {
-    let open = |read: bool| {
-        OpenOptions::new()
-            .read(read)
-            .write(true)
-            .append(mode == OutputMode::Append)
-            .truncate(mode == OutputMode::Truncate)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
-    };
-    match open(false) {
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true),
-        other => other,
-    }
 }
 
 /// The `log` crate's filter for an API level.
@@ -251,7 +185,10 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
 mod tests {
     use super::*;
     use log::Level;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-logger-{}-{name}", std::process::id()));

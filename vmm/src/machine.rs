@@ -1,8 +1,9 @@
 //! A built microVM and its control loop.
 //!
 //! Threads: one per vCPU (`kiln_vcpu N`), the device event loop (`kiln_vmm`), one waiting on the
-//! i8042 reset eventfd, one turning signals into events, one feeding stdin to the serial console. They all report to the control
-//! loop in [`MicroVm::run`] over one channel; the control loop alone decides when the VM ends.
+//! legacy reset device's eventfd, one turning signals into events, one feeding stdin to the
+//! serial console. They all report to the control loop in [`MicroVm::run`] over one channel; the
+//! control loop alone decides when the VM ends.
 //!
 //! Every thread installs its seccomp filter ([`crate::seccomp`]) as it starts. The vCPU threads
 //! start paused and are released only once every other thread, the main one last, is confined.
@@ -23,7 +24,7 @@ use api::outcome::{VmmActionError, VmmOutcome};
 use api::routes::ApiRequest;
 
 use crate::device_manager::DeviceManager;
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
 use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind, PROCESS_SIGNALS};
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
@@ -59,7 +60,7 @@ pub enum ExitReason {
 pub enum VmmEvent {
     /// A vCPU thread left its run loop.
     VcpuStopped(Result<Option<VcpuStop>, VcpuError>),
-    /// The guest reset the machine through the i8042.
+    /// The guest reset the machine through its legacy reset device (x86's i8042).
     GuestReset,
     /// A signal arrived.
     Signal(i32),
@@ -78,14 +79,7 @@ pub struct ApiCall {
 }
 
 /// Answers the API requests that arrive while the VM runs.
-pub type RuntimeApiHandler<'a> = dyn FnMut(ApiRequest, &mut RunningVm<'_>) -> VmmOutcome + 'a;
-
-/// What a runtime API request may act on.
-pub struct RunningVm<'a> {
-    handles: &'a [VcpuHandle],
-    devices: &'a DeviceManager,
-    paused: bool,
-}
+pub type RuntimeApiHandler<'a> = dyn FnMut(ApiRequest, &mut Vmm) -> VmmOutcome + 'a;
 
 /// Why the VM could not be paused.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +89,22 @@ pub struct PauseError(usize);
 /// How long a pause waits for each vCPU to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl RunningVm<'_> {
+/// The running microVM: it owns the KVM VM and guest memory, the vCPU threads, the devices (and
+/// their registry) and the device event loop, and has a method for each thing a running VM is
+/// asked to do (see also `vmm_actions.rs`). It exists only between a successful start and the
+/// end of the run, so a runtime action cannot reach a VM that is not running: before the start
+/// there is no `Vmm` to call.
+pub struct Vmm {
+    // Field order is drop order: vCPU threads and the event loop before the VM and memory.
+    handles: Vec<VcpuHandle>,
+    event_loop: Option<RunningEventLoop>,
+    devices: DeviceManager,
+    paused: bool,
+    _vm: Vm,
+    mem: GuestMemoryMmap,
+}
+
+impl Vmm {
     /// True while the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -104,7 +113,7 @@ impl RunningVm<'_> {
     /// Stops every vCPU outside KVM_RUN; the guest's clock stands still for it (devices keep
     /// serving requests already queued). Resumes them again if one does not stop in time.
     pub fn pause(&mut self) -> Result<(), PauseError> {
-        for handle in self.handles {
+        for handle in &self.handles {
             handle.requests.pause.store(true, Ordering::Release);
         }
         for (index, handle) in self.handles.iter().enumerate() {
@@ -131,7 +140,7 @@ impl RunningVm<'_> {
 
     /// Lets the vCPUs run again.
     pub fn resume(&mut self) {
-        for handle in self.handles {
+        for handle in &self.handles {
             handle.requests.resume();
         }
         self.paused = false;
@@ -139,7 +148,67 @@ impl RunningVm<'_> {
 
     /// The VM's devices.
     pub fn devices(&self) -> &DeviceManager {
-        self.devices
+        &self.devices
+    }
+
+    /// The guest's memory.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Answers control-loop events (API calls with `api`, signals, vCPU and device news) until
+    /// the VM ends; returns why.
+    pub fn run_control_loop(
+        &mut self,
+        rx: &Receiver<VmmEvent>,
+        api: &mut RuntimeApiHandler<'_>,
+    ) -> ExitReason {
+        loop {
+            match rx.recv_timeout(SAMPLE_INTERVAL) {
+                Ok(VmmEvent::GuestReset) => return ExitReason::GuestReset,
+                Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Reset)))) => {
+                    return ExitReason::GuestReset
+                }
+                Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Shutdown)))) => {
+                    return ExitReason::GuestPowerOff
+                }
+                Ok(VmmEvent::VcpuStopped(Err(e))) => return ExitReason::Fatal(e),
+                // A vCPU only leaves its loop unasked when told to stop, which happens below.
+                Ok(VmmEvent::VcpuStopped(Ok(None))) => {}
+                Ok(VmmEvent::Signal(SIGUSR1)) => {
+                    for handle in &self.handles {
+                        request(handle, &handle.requests.report);
+                    }
+                }
+                Ok(VmmEvent::Signal(signal)) => return ExitReason::Signal(signal),
+                Ok(VmmEvent::EventLoopFailed(e)) => return ExitReason::EventLoopFailed(e),
+                Ok(VmmEvent::Api(call)) => {
+                    let response = api(call.request, self);
+                    let _ = call.reply.send(response);
+                }
+                // Parked vCPUs take no samples; a paused VM is not a stuck one.
+                Err(RecvTimeoutError::Timeout) if self.paused => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    for handle in &self.handles {
+                        request(handle, &handle.requests.sample);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return ExitReason::EventSourcesGone,
+            }
+        }
+    }
+
+    /// Ends the run: stops the vCPUs and the event loop, flushes the console and writes the
+    /// metrics' last line with the devices' counters (Firecracker writes one on its way out).
+    pub fn shut_down(mut self) {
+        stop_vcpus(&self.handles);
+        if let Some(event_loop) = self.event_loop.take() {
+            event_loop.stop();
+        }
+        if let Ok(mut console) = self.devices.console.lock() {
+            console.flush();
+        }
+        METRICS.flush_at_vm_end(&self.devices.registry.metric_groups());
     }
 }
 
@@ -204,13 +273,28 @@ impl MicroVm {
     /// answering API calls with `api`. The caller watches signals ([`spawn_signal_watcher`]), from
     /// before the VM exists if it likes.
     pub fn run_with(
-        mut self,
+        self,
         forward_stdin: bool,
         filters: &Arc<SeccompFilters>,
         tx: Sender<VmmEvent>,
         rx: Receiver<VmmEvent>,
         api: &mut RuntimeApiHandler<'_>,
     ) -> std::io::Result<ExitReason> {
+        let mut vmm = self.start(forward_stdin, filters, tx)?;
+        let reason = vmm.run_control_loop(&rx, api);
+        vmm.shut_down();
+        Ok(reason)
+    }
+
+    /// Starts the microVM: the reset watcher, stdin forwarding, the device event loop and the
+    /// vCPU threads, each confined by its filter in `filters` (this thread last, before the
+    /// vCPUs enter the guest). Every thread reports on `tx`.
+    pub fn start(
+        mut self,
+        forward_stdin: bool,
+        filters: &Arc<SeccompFilters>,
+        tx: Sender<VmmEvent>,
+    ) -> std::io::Result<Vmm> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::other)?;
         self.spawn_reset_watcher(tx.clone(), filters)?;
         if forward_stdin {
@@ -244,22 +328,14 @@ impl MicroVm {
         for handle in &handles {
             handle.requests.resume();
         }
-        let mut running = RunningVm {
-            handles: &handles,
-            devices: &self.devices,
+        Ok(Vmm {
+            handles,
+            event_loop,
+            devices: self.devices,
             paused: false,
-        };
-        let reason = control_loop(&rx, &mut running, api);
-        stop_vcpus(&handles);
-        if let Some(event_loop) = event_loop {
-            event_loop.stop();
-        }
-        if let Ok(mut console) = self.devices.console.lock() {
-            console.flush();
-        }
-        // Firecracker writes the metrics one last time on its way out, devices included.
-        METRICS.flush_at_vm_end(&self.devices.registry.metric_groups());
-        Ok(reason)
+            _vm: self._vm,
+            mem: self._mem,
+        })
     }
 
     fn spawn_reset_watcher(
@@ -274,45 +350,6 @@ impl MicroVm {
             }
         })?;
         Ok(())
-    }
-}
-
-fn control_loop(
-    rx: &Receiver<VmmEvent>,
-    running: &mut RunningVm<'_>,
-    api: &mut RuntimeApiHandler<'_>,
-) -> ExitReason {
-    let handles = running.handles;
-    loop {
-        match rx.recv_timeout(SAMPLE_INTERVAL) {
-            Ok(VmmEvent::GuestReset) => return ExitReason::GuestReset,
-            Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Reset)))) => return ExitReason::GuestReset,
-            Ok(VmmEvent::VcpuStopped(Ok(Some(VcpuStop::Shutdown)))) => {
-                return ExitReason::GuestPowerOff
-            }
-            Ok(VmmEvent::VcpuStopped(Err(e))) => return ExitReason::Fatal(e),
-            // A vCPU only leaves its loop unasked when told to stop, which happens below.
-            Ok(VmmEvent::VcpuStopped(Ok(None))) => {}
-            Ok(VmmEvent::Signal(SIGUSR1)) => {
-                for handle in handles {
-                    request(handle, &handle.requests.report);
-                }
-            }
-            Ok(VmmEvent::Signal(signal)) => return ExitReason::Signal(signal),
-            Ok(VmmEvent::EventLoopFailed(e)) => return ExitReason::EventLoopFailed(e),
-            Ok(VmmEvent::Api(call)) => {
-                let response = api(call.request, running);
-                let _ = call.reply.send(response);
-            }
-            // Parked vCPUs take no samples; a paused VM is not a stuck one.
-            Err(RecvTimeoutError::Timeout) if running.paused => {}
-            Err(RecvTimeoutError::Timeout) => {
-                for handle in handles {
-                    request(handle, &handle.requests.sample);
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => return ExitReason::EventSourcesGone,
-        }
     }
 }
 

@@ -18,11 +18,11 @@ use api::routes::parse_request;
 use clap::Parser;
 use devices::legacy::process_cpu_time;
 use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
+use vmm::arch::HostQuirks;
 use vmm::builder::build_microvm;
 use vmm::cli::{Cli, Command, ObservabilityArgs, ProcessArgs, RunArgs};
 use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
 use vmm::guest_images::default_guest;
-use vmm::host_quirks::HostQuirks;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::metrics::METRICS;
 use vmm::resources::VmResources;
@@ -72,6 +72,7 @@ fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
         nets: args.nets,
         rng: args.rng,
         vsock: args.vsock,
+        balloon: args.balloon,
     };
     let mut config = match request.validate(limits) {
         Ok(config) => config,

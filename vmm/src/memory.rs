@@ -3,8 +3,7 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-#[cfg(target_arch = "x86_64")]
-use crate::arch::x86_64::layout::{self, LayoutError};
+use crate::arch::layout::{self, LayoutError};
 
 /// Errors in creating guest memory.
 #[derive(Debug, thiserror::Error)]

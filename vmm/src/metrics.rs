@@ -11,7 +11,8 @@
 //!  "patch_api_requests":{...},                  while the API is served
 //!  "block_<drive_id>":{...}, "block":{...},     one per drive, then all drives together
 //!  "net_<iface_id>":{...}, "net":{...},         likewise per network interface
-//!  "entropy":{...},                             the entropy device
+//!  "entropy":{...}, "vsock":{...},              the entropy and vsock devices
+//!  "balloon":{...},                             the balloon
 //!  "uart":{...},                                the serial console's output
 //!  "latencies_us":{...},                       while the API is served (pause, resume)
 //!  "logger":{...}, "signals":{...}, "vcpu":{...}, "vmm":{...}}
@@ -22,7 +23,8 @@
 //! or rings a guest submitted) in `net` and `entropy`, and `sigint`, `sigterm`, `sigusr1` next to
 //! Firecracker's `sighup` in `signals`, and `cap_dropped_bytes` in `uart` (output past the
 //! console file's cap). The `_fails` of the API groups count every answer that
-//! was not 2xx, parse errors and refused requests alike.
+//! was not 2xx, parse errors and refused requests alike; their field names come from the api
+//! crate's route table, the one list of routes.
 //!
 //! # Counters and gauges
 //!
@@ -60,7 +62,9 @@ use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::logger::{open_output, OutputError};
+use api::routes::ROUTES;
+
+use crate::output_file::{open_output, OutputError};
 
 /// How often the event loop writes a line (Firecracker's period).
 pub const FLUSH_PERIOD: Duration = Duration::from_secs(60);
@@ -219,87 +223,69 @@ impl ApiGroup {
 /// One route's counters: `<name>_count` and, for PUT and PATCH, `<name>_fails`.
 #[derive(Debug)]
 struct RouteCounters {
-    group: ApiGroup,
-    /// The path's first segment (`""` for `/`).
-    segment: &'static str,
-    name: &'static str,
     count: Counter,
     fails: Counter,
 }
 
-const fn route(group: ApiGroup, segment: &'static str, name: &'static str) -> RouteCounters {
-    RouteCounters {
-        group,
-        segment,
-        name,
-        count: Counter::new(),
-        fails: Counter::new(),
-    }
-}
-
-/// `get_api_requests`, `put_api_requests`, `patch_api_requests`: Firecracker's per-route counts.
+/// `get_api_requests`, `put_api_requests`, `patch_api_requests`: Firecracker's per-route counts,
+/// one pair per entry of the api crate's route table (the routes Firecracker does not count have
+/// no metric name there and are never reported).
 #[derive(Debug)]
 pub struct ApiRequestMetrics {
-    routes: [RouteCounters; 15],
+    routes: [RouteCounters; ROUTES.len()],
+}
+
+/// The first segment of a path or route template (`""` for `/`).
+fn first_segment(path: &str) -> &str {
+    path.trim_start_matches('/').split('/').next().unwrap_or("")
 }
 
 impl ApiRequestMetrics {
     const fn new() -> Self {
-        use ApiGroup::{Get, Patch, Put};
         Self {
-            routes: [
-                route(Get, "", "instance_info"),
-                route(Get, "machine-config", "machine_cfg"),
-                route(Get, "version", "vmm_version"),
-                route(Put, "actions", "actions"),
-                route(Put, "boot-source", "boot_source"),
-                route(Put, "drives", "drive"),
-                route(Put, "logger", "logger"),
-                route(Put, "machine-config", "machine_cfg"),
-                route(Put, "metrics", "metrics"),
-                route(Put, "network-interfaces", "network"),
-                route(Put, "serial", "serial"),
-                route(Put, "vsock", "vsock"),
-                route(Patch, "drives", "drive"),
-                route(Patch, "machine-config", "machine_cfg"),
-                route(Patch, "network-interfaces", "network"),
-            ],
+            routes: [const {
+                RouteCounters {
+                    count: Counter::new(),
+                    fails: Counter::new(),
+                }
+            }; ROUTES.len()],
         }
     }
 
-    /// Counts one answered request. Routes Firecracker does not count (`GET /vm/config`,
-    /// `PUT /entropy`, `PATCH /vm`) and unknown paths are not counted.
+    /// Counts one answered request, under the counted route with its method and first path
+    /// segment (as Firecracker matches them). Uncounted routes and unknown paths count nothing.
     pub fn record(&self, method: &str, path: &str, status: u16) {
-        let group = match method {
-            "GET" => ApiGroup::Get,
-            "PUT" => ApiGroup::Put,
-            "PATCH" => ApiGroup::Patch,
-            _ => return,
-        };
         let path = path.split_once('?').map_or(path, |(p, _)| p);
-        let segment = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        let Some(route) = self
-            .routes
-            .iter()
-            .find(|r| r.group == group && r.segment == segment)
-        else {
+        let segment = first_segment(path);
+        let Some(index) = ROUTES.iter().position(|r| {
+            r.metric.is_some() && r.method == method && first_segment(r.path) == segment
+        }) else {
             return;
         };
-        route.count.inc();
+        let counters = &self.routes[index];
+        counters.count.inc();
         if !(200..300).contains(&status) {
-            route.fails.inc();
+            counters.fails.inc();
         }
     }
 
     fn take(&self, group: ApiGroup) -> Value {
+        let method = match group {
+            ApiGroup::Get => "GET",
+            ApiGroup::Put => "PUT",
+            ApiGroup::Patch => "PATCH",
+        };
         let mut fields = Map::new();
-        for route in self.routes.iter().filter(|r| r.group == group) {
-            let count = route.count.take_delta();
-            fields.insert(format!("{}_count", route.name), Value::from(count));
+        for (route, counters) in ROUTES.iter().zip(&self.routes) {
+            let Some(name) = route.metric.filter(|_| route.method == method) else {
+                continue;
+            };
+            let count = counters.count.take_delta();
+            fields.insert(format!("{name}_count"), Value::from(count));
             // Firecracker's GET group has no failure counts.
             if group != ApiGroup::Get {
-                let fails = route.fails.take_delta();
-                fields.insert(format!("{}_fails", route.name), Value::from(fails));
+                let fails = counters.fails.take_delta();
+                fields.insert(format!("{name}_fails"), Value::from(fails));
             }
         }
         Value::Object(fields)

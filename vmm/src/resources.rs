@@ -6,11 +6,14 @@
 //! the checks here are the ones that need the other resources (one root drive, unique ids).
 
 use api::models::{
-    BootSource, Drive, EntropyDevice, FullVmConfiguration, Logger, MachineConfiguration,
-    MachineConfigurationPatch, Metrics, NetworkInterface, SerialDevice, Vsock,
+    Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
+    FullVmConfiguration, Logger, MachineConfiguration, MachineConfigurationPatch, Metrics,
+    NetworkInterface, SerialDevice, Vsock,
 };
 
-use crate::config::{ConsoleConfig, VmConfigRequest};
+use devices::virtio::balloon::BalloonConfig;
+
+use crate::config::{check_balloon_size, ConsoleConfig, VmConfigRequest};
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 
 /// A resource change that does not fit with the others.
@@ -31,6 +34,12 @@ pub enum ResourceError {
     /// A `PATCH /machine-config` that leaves an invalid configuration.
     #[error("{0}")]
     InvalidMachineConfig(String),
+    /// A balloon request without a balloon (Firecracker's text).
+    #[error("No balloon device found.")]
+    NoBalloon,
+    /// A balloon bigger than the guest's memory.
+    #[error("{0}")]
+    BalloonTooLarge(String),
 }
 
 /// The pre-boot resources of one microVM.
@@ -54,6 +63,8 @@ pub struct VmResources {
     pub metrics: Option<Metrics>,
     /// Serial console settings.
     pub serial: Option<SerialDevice>,
+    /// The balloon device, as the device takes it.
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// Replaces the element `same` picks, or appends `item`.
@@ -79,6 +90,9 @@ impl VmResources {
         };
         if let Some(serial) = config.serial {
             resources.put_serial(serial)?;
+        }
+        if let Some(balloon) = config.balloon {
+            resources.put_balloon(&balloon)?;
         }
         for drive in config.drives {
             resources.put_drive(drive)?;
@@ -110,7 +124,50 @@ impl VmResources {
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
             serial: self.serial.clone(),
+            balloon: self.balloon.as_ref().map(balloon_model),
         }
+    }
+
+    /// `PUT /balloon`: adds the balloon or replaces its settings.
+    pub fn put_balloon(&mut self, balloon: &Balloon) -> Result<(), ResourceError> {
+        self.check_balloon_size(balloon.amount_mib)?;
+        self.balloon = Some(balloon_config(balloon));
+        Ok(())
+    }
+
+    /// `PATCH /balloon` before boot: a new size.
+    pub fn patch_balloon(&mut self, update: &BalloonUpdate) -> Result<(), ResourceError> {
+        self.check_balloon_size(update.amount_mib)?;
+        self.balloon_mut()?.amount_mib = update.amount_mib;
+        Ok(())
+    }
+
+    /// `PATCH /balloon/statistics` before boot: a new interval (0 turns statistics off).
+    pub fn patch_balloon_stats(
+        &mut self,
+        update: &BalloonStatsUpdate,
+    ) -> Result<(), ResourceError> {
+        self.balloon_mut()?.stats_polling_interval_s = update.stats_polling_interval_s;
+        Ok(())
+    }
+
+    /// The balloon's settings, for `GET /balloon`.
+    pub fn balloon(&self) -> Result<Balloon, ResourceError> {
+        self.balloon
+            .as_ref()
+            .map(balloon_model)
+            .ok_or(ResourceError::NoBalloon)
+    }
+
+    fn balloon_mut(&mut self) -> Result<&mut BalloonConfig, ResourceError> {
+        self.balloon.as_mut().ok_or(ResourceError::NoBalloon)
+    }
+
+    /// Refuses a balloon bigger than the configured memory (InstanceStart checks again, in case
+    /// the memory shrinks afterwards).
+    pub fn check_balloon_size(&self, amount_mib: u32) -> Result<(), ResourceError> {
+        check_balloon_size(amount_mib, self.machine_config.mem_size_mib)
+            .map_err(|e| ResourceError::BalloonTooLarge(e.to_string()))
     }
 
     /// `PUT /drives/{id}`: adds the drive or replaces the one with its id.
@@ -189,6 +246,7 @@ impl VmResources {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             }),
+            balloon: self.balloon,
         })
     }
 }
@@ -201,6 +259,28 @@ fn drive_config(drive: &Drive) -> DriveConfig {
         read_only: drive.read_only(),
         root: drive.is_root_device,
         rate_limiter: drive.rate_limiter.unwrap_or_default(),
+    }
+}
+
+/// The API's balloon as the device takes it: the one conversion, at the edge.
+fn balloon_config(balloon: &Balloon) -> BalloonConfig {
+    BalloonConfig {
+        amount_mib: balloon.amount_mib,
+        deflate_on_oom: balloon.deflate_on_oom,
+        stats_polling_interval_s: balloon.stats_polling_interval_s,
+        free_page_hinting: balloon.free_page_hinting,
+        free_page_reporting: balloon.free_page_reporting,
+    }
+}
+
+/// The device's settings as the API shows them.
+pub fn balloon_model(config: &BalloonConfig) -> Balloon {
+    Balloon {
+        amount_mib: config.amount_mib,
+        deflate_on_oom: config.deflate_on_oom,
+        stats_polling_interval_s: config.stats_polling_interval_s,
+        free_page_hinting: config.free_page_hinting,
+        free_page_reporting: config.free_page_reporting,
     }
 }
 
@@ -234,6 +314,43 @@ mod tests {
             "iface_id": id, "host_dev_name": tap, "guest_mac": mac,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn balloon_put_patch_and_size_rule() {
+        let mut r = VmResources::default();
+        let update = BalloonUpdate { amount_mib: 8 };
+        assert_eq!(r.patch_balloon(&update), Err(ResourceError::NoBalloon));
+        assert_eq!(r.balloon(), Err(ResourceError::NoBalloon));
+        let balloon = Balloon {
+            amount_mib: 16,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            ..Default::default()
+        };
+        r.put_balloon(&balloon).unwrap();
+        r.patch_balloon(&update).unwrap();
+        r.patch_balloon_stats(&BalloonStatsUpdate {
+            stats_polling_interval_s: 0,
+        })
+        .unwrap();
+        let now = r.balloon().unwrap();
+        assert_eq!((now.amount_mib, now.stats_polling_interval_s), (8, 0));
+        assert!(now.deflate_on_oom);
+        let too_big = BalloonUpdate {
+            amount_mib: r.machine_config.mem_size_mib as u32 + 1,
+        };
+        assert!(matches!(
+            r.patch_balloon(&too_big),
+            Err(ResourceError::BalloonTooLarge(_))
+        ));
+        assert_eq!(r.full_config().balloon, Some(now));
+        let back = VmResources::from_full_config(r.full_config()).unwrap();
+        assert_eq!(back.balloon, r.balloon);
+        assert_eq!(
+            r.vm_config_request().err(),
+            Some(ResourceError::NoBootSource)
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //!    features Kiln accepts in the schema but does not implement (SMT, CPU templates, huge pages,
 //!    vhost-user drives). Those fail with a [`ValidationError`].
 
+mod balloon;
 mod boot;
 mod drive;
 mod entropy;
@@ -27,6 +28,10 @@ use std::path::Path;
 
 pub use ::devices::rate_limiter::{RateLimiterConfig, RateLimiterError, TokenBucketConfig};
 
+pub use balloon::{
+    Balloon, BalloonStartCmd, BalloonStats, BalloonStatsUpdate, BalloonUpdate, HintingStatus,
+    MAX_BALLOON_MIB,
+};
 pub use boot::BootSource;
 pub use drive::{CacheType, Drive, IoEngine, PartialDrive};
 pub use entropy::EntropyDevice;
@@ -141,6 +146,13 @@ pub enum ValidationError {
     /// `guest_cid` is 0, 1, 2 (reserved for the hypervisor, local and host) or `u32::MAX` (any).
     #[error("Vsock guest_cid {0} is reserved: it must be between 3 and 4294967294.")]
     InvalidGuestCid(u32),
+    /// A balloon size whose page count does not fit the device's 32-bit counter.
+    #[error(
+        "Amount of pages requested is too large: {0} MiB, the most a balloon holds is \
+         {max} MiB.",
+        max = balloon::MAX_BALLOON_MIB
+    )]
+    BalloonTooLarge(u32),
     /// A rate limiter's buckets contradict each other.
     #[error("{field}: {source}")]
     RateLimiter {

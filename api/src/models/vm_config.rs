@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics, NetworkInterface,
-    SerialDevice, ValidationError, Vsock,
+    Balloon, BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics,
+    NetworkInterface, SerialDevice, ValidationError, Vsock,
 };
 
 /// The whole configuration of a microVM, with Firecracker's kebab-case top-level keys
@@ -14,7 +14,7 @@ use super::{
 ///
 /// Differences from Firecracker's config file: every key is optional (Firecracker requires
 /// `boot-source` and `drives`; whoever boots checks that a boot source exists), unknown keys —
-/// including the Firecracker features Kiln lacks, such as `balloon`, `mmds-config`, `cpu-config`,
+/// including the Firecracker features Kiln lacks, such as `mmds-config`, `cpu-config`,
 /// `pmem` — are refused instead of ignored, and `serial` is accepted as it is by `PUT /serial`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +54,9 @@ pub struct FullVmConfiguration {
     /// The serial console.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialDevice>,
+    /// The balloon device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
 }
 
 impl FullVmConfiguration {
@@ -107,6 +110,9 @@ impl FullVmConfiguration {
         }
         if let Some(serial) = &self.serial {
             serial.validate()?;
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate()?;
         }
         Ok(())
     }
@@ -175,14 +181,22 @@ mod tests {
     }
 
     #[test]
+    fn balloon_section_as_firecracker_writes_it() {
+        let c: FullVmConfiguration = serde_json::from_str(
+            r#"{"balloon":{"amount_mib":32,"deflate_on_oom":true,"stats_polling_interval_s":1}}"#,
+        )
+        .unwrap();
+        let balloon = c.balloon.unwrap();
+        assert_eq!(
+            (balloon.amount_mib, balloon.stats_polling_interval_s),
+            (32, 1)
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn unsupported_keys_and_list_rules() {
-        for key in [
-            "balloon",
-            "mmds-config",
-            "cpu-config",
-            "pmem",
-            "boot_source",
-        ] {
+        for key in ["mmds-config", "cpu-config", "pmem", "boot_source"] {
             let err = serde_json::from_str::<FullVmConfiguration>(&format!(r#"{{"{key}":{{}}}}"#))
                 .unwrap_err();
             assert!(

@@ -132,7 +132,7 @@ fn yaml_refs() -> BTreeSet<String> {
 fn paths_equal_routes() {
     let expected: BTreeSet<(String, String)> = ROUTES
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|r| (r.method.to_string(), r.path.to_string()))
         .collect();
     assert_eq!(expected.len(), ROUTES.len(), "ROUTES has duplicates");
     assert_eq!(yaml_routes(), expected);
@@ -241,7 +241,59 @@ fn samples() -> Vec<Sample> {
         serial_out_path: Some("/c".into()),
         rate_limiter: Some(bucket),
     };
+    let balloon = Balloon {
+        amount_mib: 1,
+        deflate_on_oom: true,
+        stats_polling_interval_s: 1,
+        free_page_hinting: true,
+        free_page_reporting: true,
+    };
+    let some = Some(1);
+    let stats = BalloonStats {
+        target_pages: 1,
+        actual_pages: 1,
+        target_mib: 1,
+        actual_mib: 1,
+        swap_in: some,
+        swap_out: some,
+        major_faults: some,
+        minor_faults: some,
+        free_memory: some,
+        total_memory: some,
+        available_memory: some,
+        disk_caches: some,
+        hugetlb_allocations: some,
+        hugetlb_failures: some,
+        oom_kill: some,
+        alloc_stall: some,
+        async_scan: some,
+        direct_scan: some,
+        async_reclaim: some,
+        direct_reclaim: some,
+    };
     vec![
+        sample("Balloon", balloon),
+        sample("BalloonUpdate", BalloonUpdate { amount_mib: 1 }),
+        sample(
+            "BalloonStatsUpdate",
+            BalloonStatsUpdate {
+                stats_polling_interval_s: 1,
+            },
+        ),
+        sample(
+            "BalloonStartCmd",
+            BalloonStartCmd {
+                acknowledge_on_stop: true,
+            },
+        ),
+        sample("BalloonStats", stats),
+        sample(
+            "BalloonHintingStatus",
+            HintingStatus {
+                host_cmd: 2,
+                guest_cmd: Some(2),
+            },
+        ),
         sample("BootSource", boot.clone()),
         sample("MachineConfiguration", machine.clone()),
         // PATCH /machine-config's body is a MachineConfiguration with every field optional.
@@ -324,6 +376,7 @@ fn samples() -> Vec<Sample> {
                 vsock: Some(vsock),
                 entropy: Some(entropy),
                 serial: Some(serial),
+                balloon: Some(balloon),
             },
         ),
     ]

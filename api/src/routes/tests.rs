@@ -559,12 +559,12 @@ fn unknown_paths_and_methods() {
         message("get", "/", ""),
         "Invalid request method and/or path: get /."
     );
-    // Firecracker's snapshot, balloon, MMDS, CPU config, pmem and hotplug routes are not served.
+    // Firecracker's snapshot, MMDS, CPU config, pmem and hotplug routes are not served.
     for (method, path) in [
         ("PUT", "/snapshot/create"),
         ("PUT", "/snapshot/load"),
-        ("GET", "/balloon"),
-        ("PUT", "/balloon"),
+        ("PUT", "/balloon/statistics"),
+        ("GET", "/balloon/hinting"),
         ("GET", "/mmds"),
         ("PUT", "/mmds/config"),
         ("PUT", "/cpu-config"),
@@ -625,6 +625,11 @@ fn every_route_parses() {
             ("PUT", "/actions") => r#"{"action_type":"InstanceStart"}"#,
             ("PATCH", "/vm") => r#"{"state":"Paused"}"#,
             ("PUT", "/metrics") => r#"{"metrics_path":"/m"}"#,
+            ("PUT", "/balloon") => r#"{"amount_mib":0,"deflate_on_oom":false}"#,
+            ("PATCH", "/balloon") => r#"{"amount_mib":0}"#,
+            ("PATCH", "/balloon/statistics") => r#"{"stats_polling_interval_s":1}"#,
+            ("PATCH", "/balloon/hinting/start") => r#"{"acknowledge_on_stop":true}"#,
+            ("PATCH", "/balloon/hinting/stop") => "",
             _ => panic!("no sample body for {method} {template}"),
         };
         (
@@ -635,7 +640,8 @@ fn every_route_parses() {
         )
     };
     let mut seen = Vec::new();
-    for (method, template) in ROUTES {
+    for route in ROUTES {
+        let (method, template) = (route.method, route.path);
         let (path, body) = valid(method, template);
         let req = ok(method, &path, body);
         let variant = format!("{req:?}");
@@ -644,4 +650,71 @@ fn every_route_parses() {
         seen.push(variant);
     }
     assert_eq!(seen.len(), ROUTES.len());
+}
+
+#[test]
+fn balloon_routes() {
+    assert_eq!(
+        ok(
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":8,"deflate_on_oom":false}"#
+        ),
+        ApiRequest::PutBalloon(Balloon {
+            amount_mib: 8,
+            ..Default::default()
+        })
+    );
+    assert_eq!(
+        ok("PATCH", "/balloon", r#"{"amount_mib":0}"#),
+        ApiRequest::PatchBalloon(BalloonUpdate { amount_mib: 0 })
+    );
+    assert_eq!(
+        message("PATCH", "/balloon", ""),
+        "Empty PATCH request.",
+        "only the hinting commands go without a body"
+    );
+    assert_eq!(
+        ok("GET", "/balloon/statistics", ""),
+        ApiRequest::GetBalloonStats
+    );
+    assert_eq!(
+        ok(
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s":0}"#
+        ),
+        ApiRequest::PatchBalloonStats(BalloonStatsUpdate {
+            stats_polling_interval_s: 0
+        })
+    );
+    // Firecracker: the start command's body is optional, the stop command's ignored.
+    assert_eq!(
+        ok("PATCH", "/balloon/hinting/start", ""),
+        ApiRequest::StartBalloonHinting(BalloonStartCmd::default())
+    );
+    assert_eq!(
+        ok("PATCH", "/balloon/hinting/stop", ""),
+        ApiRequest::StopBalloonHinting
+    );
+    assert_eq!(
+        ok("GET", "/balloon/hinting/status", ""),
+        ApiRequest::GetBalloonHintingStatus
+    );
+    assert!(matches!(
+        err("PATCH", "/balloon/hinting/start", r#"{"ack":true}"#),
+        RequestError::Json(_)
+    ));
+    assert!(matches!(
+        err("PATCH", "/balloon/hinting", ""),
+        RequestError::InvalidPathMethod { .. }
+    ));
+    assert!(matches!(
+        err(
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":16777216,"deflate_on_oom":false}"#
+        ),
+        RequestError::Invalid(ValidationError::BalloonTooLarge(_))
+    ));
 }

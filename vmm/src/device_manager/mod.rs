@@ -11,10 +11,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use api::http::{bind_api_socket, BindError, SocketGuard};
-use devices::legacy::{
-    EventFdTrigger, OutputLimits, SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
-};
+use devices::legacy::{OutputLimits, SerialConsole};
+use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetDeviceConfig, NetError, Tap, TapError};
@@ -27,9 +25,8 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{
-    BOOT_TIMER_ADDR, FIRST_DEVICE_GSI, LAST_DEVICE_GSI, VIRTIO_MMIO_START,
-};
+use crate::arch::layout::{BOOT_TIMER_ADDR, FIRST_DEVICE_GSI, LAST_DEVICE_GSI, VIRTIO_MMIO_START};
+use crate::arch::LegacyDevices;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::vstate::vm::Vm;
 
@@ -45,7 +42,7 @@ pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct VirtioSlot {
     /// Base address of the 4 KiB register window.
     pub base: u64,
-    /// The GSI (IOAPIC pin) its interrupts arrive on.
+    /// The interrupt line (GSI) its interrupts arrive on.
     pub gsi: u32,
 }
 
@@ -59,34 +56,7 @@ impl VirtioSlot {
             gsi,
         })
     }
-
-    /// The longest [`VirtioSlot::cmdline_param`] there is (the last slot's), for keeping room on
-    /// the command line before the devices exist.
-    pub fn longest_cmdline_param() -> String {
-        // The GSIs are at most two digits and every window address is eight hex digits.
-        format!(
-            "virtio_mmio.device={}K@{:#x}:{}",
-            MMIO_WINDOW_SIZE >> 10,
-            VIRTIO_MMIO_START,
-            LAST_DEVICE_GSI
-        )
-    }
-
-    /// The kernel command line parameter that tells the guest's virtio-mmio driver about it.
-    pub fn cmdline_param(&self) -> String {
-        format!(
-            "virtio_mmio.device={}K@{:#x}:{}",
-            MMIO_WINDOW_SIZE >> 10,
-            self.base,
-            self.gsi
-        )
-    }
 }
-
-/// COM1's interrupt line.
-const SERIAL_GSI: u32 = 4;
-/// The i8042 keyboard's interrupt line.
-const KEYBOARD_GSI: u32 = 1;
 
 /// Errors in creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +131,9 @@ pub enum DeviceError {
     /// The vsock device could not be set up.
     #[error("vsock device: {0}")]
     Vsock(#[source] VsockError),
+    /// The balloon device could not be set up.
+    #[error("balloon device: {0}")]
+    Balloon(#[source] BalloonError),
 }
 
 impl DeviceError {
@@ -180,18 +153,18 @@ impl DeviceError {
 
 /// The guest's devices, reachable through the buses the vCPUs dispatch to.
 pub struct DeviceManager {
-    /// Port I/O bus.
+    /// Port I/O bus (x86's legacy devices; empty elsewhere).
     pub io_bus: Bus,
     /// MMIO bus.
     pub mmio_bus: Bus,
     /// The serial console, shared with whoever feeds it input.
     pub console: Arc<Mutex<SerialConsole>>,
-    /// Fires when the guest resets the machine through the i8042.
+    /// Fires when the guest resets the machine through a legacy device.
     pub reset_evt: EventFd,
-    /// The keyboard controller, which can send the guest Ctrl+Alt+Del.
-    pub i8042: Arc<Mutex<I8042>>,
+    /// The architecture's legacy devices (the console and the reset device).
+    pub legacy: LegacyDevices,
     /// The device registry: every device, virtio ones in slot order. It hands out the slots, and
-    /// the guest learns of the devices from it ([`DeviceRegistry::virtio_cmdline_params`]).
+    /// the guest learns of the devices from it ([`crate::arch::announce_devices`]).
     pub registry: DeviceRegistry,
     /// The virtio devices' event handlers, for the event loop.
     pub subscribers: Vec<SharedSubscriber>,
@@ -200,52 +173,26 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices (COM1 writing to `console_out`, i8042) on a fresh port bus.
+    /// Creates the architecture's legacy devices, the console writing to `console_out`.
     pub fn new(
         vm: &Vm,
         console_out: Box<dyn Write + Send>,
         console_limits: OutputLimits,
     ) -> Result<Self, DeviceError> {
-        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let mut io_bus = Bus::new();
-
-        let serial_irq = eventfd()?;
-        vm.fd()
-            .register_irqfd(&serial_irq, SERIAL_GSI)
-            .map_err(|source| DeviceError::Irqfd {
-                gsi: SERIAL_GSI,
-                source,
-            })?;
-        let console = Arc::new(Mutex::new(SerialConsole::new(
-            EventFdTrigger::new(serial_irq),
-            console_out,
-            console_limits,
-        )));
-        io_bus.insert(console.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
-
         // Blocking: the VMM's reset watcher waits on it.
         let reset_evt = EventFd::new(0).map_err(DeviceError::EventFd)?;
         let reset_trigger = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-        let kbd_irq = eventfd()?;
-        vm.fd()
-            .register_irqfd(&kbd_irq, KEYBOARD_GSI)
-            .map_err(|source| DeviceError::Irqfd {
-                gsi: KEYBOARD_GSI,
-                source,
-            })?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            EventFdTrigger::new(reset_trigger),
-            EventFdTrigger::new(kbd_irq),
-        )));
-        io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
-
+        let legacy =
+            LegacyDevices::attach(vm, &mut io_bus, console_out, console_limits, reset_trigger)?;
+        let console = legacy.console.clone();
         Ok(Self {
             io_bus,
             mmio_bus: Bus::new(),
             registry: DeviceRegistry::new(console.clone()),
             console,
             reset_evt,
-            i8042,
+            legacy,
             subscribers: Vec::new(),
             vsock_socket: None,
         })
@@ -350,6 +297,14 @@ pub fn create_net(net: &NetConfig) -> Result<Net, DeviceError> {
     .map_err(|source| DeviceError::Net { id, source })
 }
 
+/// The balloon's id in the registry: a VM has at most one, and Firecracker names it so.
+pub const BALLOON_ID: &str = "balloon";
+
+/// Creates the balloon device.
+pub fn create_balloon(balloon: &BalloonConfig) -> Result<Balloon, DeviceError> {
+    Balloon::new(balloon).map_err(DeviceError::Balloon)
+}
+
 /// Creates the entropy device.
 pub fn create_rng(rng: &RngConfig) -> Result<Rng, DeviceError> {
     Rng::new(&rng.rate_limiter).map_err(DeviceError::Rng)
@@ -377,19 +332,9 @@ mod tests {
     fn slots_follow_the_gsis() {
         let first = VirtioSlot::nth(0).unwrap();
         assert_eq!((first.base, first.gsi), (0xd000_0000, 5));
-        assert_eq!(first.cmdline_param(), "virtio_mmio.device=4K@0xd0000000:5");
         let last = VirtioSlot::nth(18).unwrap();
         assert_eq!((last.base, last.gsi), (0xd001_2000, 23));
         assert_eq!(VirtioSlot::nth(19), None);
         assert_eq!(VirtioSlot::nth(usize::MAX), None);
-    }
-
-    #[test]
-    fn the_room_kept_for_an_announcement_fits_every_slot() {
-        let longest = VirtioSlot::longest_cmdline_param();
-        assert_eq!(longest, "virtio_mmio.device=4K@0xd0000000:23");
-        for slot in (0..).map_while(VirtioSlot::nth) {
-            assert!(slot.cmdline_param().len() <= longest.len(), "{slot:?}");
-        }
     }
 }

@@ -1,8 +1,9 @@
 //! The device registry: every device attached to the VM, in slot order, each behind one trait.
 //!
 //! It hands out the virtio slots (MMIO window and interrupt line), and whatever needs to know the
-//! VM's devices walks it: the command line's announcements (x86), the runtime API (a drive by its
-//! id), the metrics writer, `GET /vm/config`.
+//! VM's devices walks it: the architecture's announcement of them to the guest
+//! ([`crate::arch::announce_devices`]), the runtime API (a drive, an interface or the balloon by
+//! its id) and the metrics writer.
 //!
 //! Invariants: slot N belongs to the Nth virtio device registered, and no two entries of one
 //! kind share an id.
@@ -168,12 +169,6 @@ impl DeviceRegistry {
             .downcast_mut::<D>()
             .ok_or_else(|| RegistryError::WrongType(entry.id.clone()))?;
         Ok(f(device, &mut transport))
-    }
-
-    /// The kernel command line parameters that announce every virtio device to the guest's
-    /// virtio-mmio driver, in slot order.
-    pub fn virtio_cmdline_params(&self) -> Vec<String> {
-        self.virtio.iter().map(|d| d.slot.cmdline_param()).collect()
     }
 
     /// Every device's counters: the console's `uart`, then per kind in order of first

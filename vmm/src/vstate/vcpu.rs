@@ -11,21 +11,16 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use devices::Bus;
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvm_bindings::KVM_MP_STATE_HALTED;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
 
 use super::vm::Vm;
-use crate::arch::x86_64::cpuid;
-use crate::arch::x86_64::regs::{self, EntryPoint};
+use crate::arch::{self, EntryPoint, VcpuConfigError};
 use crate::metrics::METRICS;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
-/// Linux maps the kernel image at this virtual address + its physical address.
-const KERNEL_TEXT_BASE: u64 = 0xffff_ffff_8000_0000;
-/// How many instruction bytes a fatal-exit report shows.
-const INSTRUCTION_BYTES: usize = 16;
 
 /// Errors from a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -41,23 +36,14 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Boot register setup failed.
+    /// The vCPU could not be put in its boot state.
     #[error("vCPU {cpu}: {source}")]
-    Regs {
+    Configure {
         /// The vCPU's index.
         cpu: u8,
         /// Why.
         #[source]
-        source: regs::RegsError,
-    },
-    /// CPUID normalization failed.
-    #[error("vCPU {cpu}: {source}")]
-    Cpuid {
-        /// The vCPU's index.
-        cpu: u8,
-        /// Why.
-        #[source]
-        source: cpuid::CpuidError,
+        source: VcpuConfigError,
     },
     /// The guest stopped in a way that is not a clean reset or power-off.
     #[error("{0}")]
@@ -71,9 +57,9 @@ pub struct FatalExit {
     pub cpu: u8,
     /// The exit reason in KVM's words, with its details.
     pub reason: String,
-    /// The guest's RIP, if the registers could be read.
+    /// The guest's program counter (RIP), if the registers could be read.
     pub rip: Option<u64>,
-    /// Up to 16 bytes at RIP, if they could be located in guest memory.
+    /// Up to 16 bytes there, if they could be located in guest memory.
     pub instruction: Option<Vec<u8>>,
 }
 
@@ -285,34 +271,21 @@ impl Vcpu {
         self.index
     }
 
-    /// Sets CPUID, boot MSRs, LAPIC LINT pins and the boot registers for `entry`.
-    /// Returns the boot MSRs KVM refused (kept at their reset values).
+    /// Puts the vCPU in its boot state for `entry` (one of `cpus`). Returns the boot registers
+    /// KVM refused and left at their reset values (x86's MSRs), for a warning.
     pub fn configure(&self, kvm: &Kvm, cpus: u8, entry: EntryPoint) -> Result<Vec<u32>, VcpuError> {
-        let cpu = self.index;
-        let kvm_err = |what| move |source| VcpuError::Kvm { cpu, what, source };
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::normalize(
-            &mut cpuid,
-            cpu,
-            cpus,
-            kvm.check_extension(Cap::TscDeadlineTimer),
-        )
-        .map_err(|source| VcpuError::Cpuid { cpu, source })?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let refused = regs::set_boot_msrs(&self.fd);
-        regs::setup_boot_vcpu(&self.fd, &self.mem, entry)
-            .map_err(|source| VcpuError::Regs { cpu, source })?;
-        regs::set_lint(&self.fd).map_err(|source| VcpuError::Regs { cpu, source })?;
-        Ok(refused)
+        arch::configure_vcpu(kvm, &self.fd, &self.mem, self.index, cpus, entry).map_err(|source| {
+            VcpuError::Configure {
+                cpu: self.index,
+                source,
+            }
+        })
     }
 
     /// Runs the guest until the next exit and handles it.
     pub fn run_once(&mut self) -> Result<VcpuEvent, VcpuError> {
         let fatal_reason = match self.fd.run() {
+            #[cfg(target_arch = "x86_64")]
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.exits.io_in += 1;
                 METRICS.vcpu.exit_io_in.inc();
@@ -323,6 +296,7 @@ impl Vcpu {
                 }
                 return Ok(VcpuEvent::Handled);
             }
+            #[cfg(target_arch = "x86_64")]
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.exits.io_out += 1;
                 METRICS.vcpu.exit_io_out.inc();
@@ -414,7 +388,7 @@ impl Vcpu {
     /// Reads RIP, the halted state and the exit counts. Call on the vCPU's own thread, between runs.
     pub fn sample(&self) -> VcpuSample {
         VcpuSample {
-            rip: self.fd.get_regs().ok().map(|r| r.rip),
+            rip: arch::program_counter(&self.fd),
             halted: self
                 .fd
                 .get_mp_state()
@@ -437,40 +411,12 @@ impl Vcpu {
         )
     }
 
-    /// The instruction bytes at RIP, located through KVM's translation or, failing that, the
-    /// kernel's fixed text mapping or the identity of physical and linear addresses.
-    fn instruction_bytes(&self, rip: u64, paging: bool) -> Option<Vec<u8>> {
-        let translated = self
-            .fd
-            .translate_gva(rip)
-            .ok()
-            .filter(|t| t.valid != 0)
-            .map(|t| t.physical_address);
-        let phys = translated.or(if !paging {
-            Some(rip)
-        } else if rip >= KERNEL_TEXT_BASE {
-            Some(rip - KERNEL_TEXT_BASE)
-        } else {
-            None
-        })?;
-        let mut bytes = vec![0u8; INSTRUCTION_BYTES];
-        let read = self.mem.read(&mut bytes, GuestAddress(phys)).ok()?;
-        bytes.truncate(read);
-        Some(bytes)
-    }
-
     fn fatal_exit(&self, reason: String) -> FatalExit {
-        let rip = self.fd.get_regs().ok().map(|r| r.rip);
-        let paging = self
-            .fd
-            .get_sregs()
-            .map(|s| s.cr0 & 0x8000_0000 != 0)
-            .unwrap_or(true);
         FatalExit {
             cpu: self.index,
             reason,
-            rip,
-            instruction: rip.and_then(|rip| self.instruction_bytes(rip, paging)),
+            rip: arch::program_counter(&self.fd),
+            instruction: arch::instruction_at_pc(&self.fd, &self.mem),
         }
     }
 }

@@ -1,12 +1,21 @@
-//! The KVM VM: capability checks, guest memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs)
-//! and PIT.
+//! The KVM VM: capability checks, guest memory slots, and the architecture's in-kernel interrupt
+//! controller ([`crate::arch::create_irqchip`]).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::retry_interrupted;
-use crate::arch::x86_64::layout::KVM_TSS_ADDR;
+use crate::arch::{self, KvmCallError};
+
+impl From<KvmCallError> for VmError {
+    fn from(e: KvmCallError) -> Self {
+        VmError::Kvm {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
 
 /// Errors in creating and configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +40,6 @@ pub enum VmError {
     Unmapped(u64),
 }
 
-/// What Kiln needs from KVM, with the name to print when it is missing.
-const REQUIRED_CAPS: [(Cap, &str); 6] = [
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-    (Cap::Pit2, "KVM_CAP_PIT2"),
-    (Cap::Irqfd, "KVM_CAP_IRQFD"),
-    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-];
-
 /// Opens /dev/kvm.
 pub fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new().map_err(VmError::OpenKvm)
@@ -57,25 +56,25 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM: checks capabilities, places KVM's TSS, creates the irqchip and the PIT.
-    /// Must run before any vCPU is created (KVM requires the irqchip first).
+    /// Creates the VM: checks capabilities and creates what of the interrupt controller must
+    /// exist before any vCPU (all of it on x86).
     pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
-        for (cap, name) in REQUIRED_CAPS {
+        for (cap, name) in arch::REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(name));
             }
         }
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
-        let fd = retry_interrupted(|| kvm.create_vm()).map_err(kvm_err("KVM_CREATE_VM"))?;
-        retry_interrupted(|| fd.set_tss_address(KVM_TSS_ADDR as usize))
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        retry_interrupted(|| fd.create_irq_chip()).map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        retry_interrupted(|| fd.create_pit2(pit)).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let fd = retry_interrupted(|| kvm.create_vm()).map_err(|source| VmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source,
+        })?;
+        arch::create_irqchip(&fd)?;
         Ok(Self { fd })
+    }
+
+    /// Finishes the interrupt controller once the `vcpus` vCPUs exist (arm64's GIC).
+    pub fn finish_irqchip(&self, vcpus: u8) -> Result<(), VmError> {
+        Ok(arch::finish_irqchip(&self.fd, vcpus)?)
     }
 
     /// Registers every region of `mem` as a KVM memory slot.

@@ -13,7 +13,7 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START};
+use super::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START};
 
 /// Errors in loading boot images. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,176 @@
+//! What a running microVM is asked to do, as methods of [`Vmm`]: Ctrl+Alt+Del, a drive's new
+//! backing file or rate limits, an interface's rate limits, the balloon's target, statistics and
+//! hinting, a metrics flush. Each finds its device in the registry and answers with a
+//! [`VmmError`]; nothing here knows of HTTP or of the API's bodies.
+
+use std::path::Path;
+
+use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError, BalloonStats, HintingStatus};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::Net;
+
+use crate::device_manager::{DeviceKind, RegistryError, BALLOON_ID};
+use crate::machine::Vmm;
+use crate::metrics::{MetricsError, METRICS};
+
+/// Why a runtime action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// No such device (`No balloon device found.` for the balloon, as Firecracker).
+    #[error("{0}")]
+    NoDevice(String),
+    /// The device refused the change.
+    #[error("{0}")]
+    Device(String),
+    /// The registry's entry is not the device its kind says (a Kiln bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The metrics could not be written.
+    #[error("Metrics error: {0}")]
+    Metrics(#[from] MetricsError),
+}
+
+impl From<RegistryError> for VmmError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound {
+                kind: DeviceKind::Balloon,
+                ..
+            } => VmmError::NoDevice("No balloon device found.".to_string()),
+            RegistryError::NotFound { .. } => VmmError::NoDevice(e.to_string()),
+            RegistryError::WrongType(_) => VmmError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<BalloonError> for VmmError {
+    fn from(e: BalloonError) -> Self {
+        VmmError::Device(e.to_string())
+    }
+}
+
+impl Vmm {
+    /// Sends the guest Ctrl+Alt+Del through its legacy devices.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
+        self.devices()
+            .legacy
+            .send_ctrl_alt_del()
+            .map_err(|e| VmmError::Device(format!("Failed to send Ctrl+Alt+Del: {e}")))
+    }
+
+    /// Writes a metrics line now, with every device's counters. Without a metrics output there
+    /// is nothing to flush, and that is not an error (Firecracker's clients flush on a timer
+    /// whether or not metrics were set up).
+    pub fn flush_metrics(&self) -> Result<(), VmmError> {
+        match METRICS.flush(&self.devices().registry.metric_groups()) {
+            Ok(()) | Err(MetricsError::NotConfigured) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Gives drive `id` the image at `path` (the guest is told its capacity may have changed)
+    /// and/or the rate limits `limits`.
+    pub fn update_drive(
+        &self,
+        id: &str,
+        path: Option<&Path>,
+        limits: Option<&RateLimiterConfig>,
+    ) -> Result<(), VmmError> {
+        self.devices().registry.with_device::<Block, _>(
+            DeviceKind::Block,
+            id,
+            |block, transport| {
+                if let Some(path) = path {
+                    block
+                        .update_disk(path)
+                        .map_err(|e| VmmError::Device(e.to_string()))?;
+                    transport.config_changed();
+                }
+                if let Some(limits) = limits {
+                    block
+                        .update_rate_limiter(limits)
+                        .map_err(|e| VmmError::Device(e.to_string()))?;
+                }
+                Ok(())
+            },
+        )?
+    }
+
+    /// Gives network interface `id` new receive and/or transmit rate limits.
+    pub fn update_net_rate_limits(
+        &self,
+        id: &str,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), VmmError> {
+        self.devices()
+            .registry
+            .with_device::<Net, _>(DeviceKind::Net, id, |net, _| {
+                net.update_rate_limiters(rx, tx)
+                    .map_err(|e| VmmError::Device(e.to_string()))
+            })?
+    }
+
+    /// Runs `f` on the balloon and its transport.
+    fn with_balloon<R>(
+        &self,
+        f: impl FnOnce(&mut Balloon, &mut MmioTransport) -> Result<R, BalloonError>,
+    ) -> Result<R, VmmError> {
+        Ok(self.devices().registry.with_device::<Balloon, _>(
+            DeviceKind::Balloon,
+            BALLOON_ID,
+            f,
+        )??)
+    }
+
+    /// The balloon's settings as they stand (its target included).
+    pub fn balloon_config(&self) -> Result<BalloonConfig, VmmError> {
+        self.with_balloon(|balloon, _| Ok(balloon.config()))
+    }
+
+    /// Sets the balloon's target; the guest hears of it through a config-change interrupt.
+    pub fn update_balloon(&self, amount_mib: u32) -> Result<(), VmmError> {
+        self.with_balloon(|balloon, transport| {
+            balloon.set_target_mib(amount_mib)?;
+            transport.config_changed();
+            Ok(())
+        })
+    }
+
+    /// The guest's last memory statistics, with the balloon's target and actual sizes.
+    pub fn balloon_stats(&self) -> Result<BalloonStats, VmmError> {
+        self.with_balloon(|balloon, _| balloon.stats())
+    }
+
+    /// A new statistics polling interval (statistics cannot be switched on or off once the
+    /// guest has the device).
+    pub fn update_balloon_stats_interval(&self, seconds: u16) -> Result<(), VmmError> {
+        self.with_balloon(|balloon, _| balloon.set_stats_interval(seconds))
+    }
+
+    /// Starts a free page hinting run; with `acknowledge_on_stop` the VMM ends it itself when
+    /// the guest says it is done.
+    pub fn start_balloon_hinting(&self, acknowledge_on_stop: bool) -> Result<(), VmmError> {
+        self.with_balloon(|balloon, transport| {
+            balloon.start_hinting(acknowledge_on_stop)?;
+            transport.config_changed();
+            Ok(())
+        })
+    }
+
+    /// The hinting run's last host and guest commands.
+    pub fn balloon_hinting_status(&self) -> Result<HintingStatus, VmmError> {
+        self.with_balloon(|balloon, _| balloon.hinting_status())
+    }
+
+    /// Ends the hinting run.
+    pub fn stop_balloon_hinting(&self) -> Result<(), VmmError> {
+        self.with_balloon(|balloon, transport| {
+            balloon.stop_hinting()?;
+            transport.config_changed();
+            Ok(())
+        })
+    }
+}
