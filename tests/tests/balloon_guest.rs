@@ -1,12 +1,13 @@
 //! End to end: virtio-balloon through Firecracker's API with the real default guest (one boot).
 //!
-//! A 256 MiB guest with a balloon (statistics every second) fills 200 MiB of a tmpfs and frees
-//! it, so Kiln's guest-memory mapping holds those pages. Inflating the balloon to 160 MiB must
+//! A 128 MiB guest with a balloon (statistics every second) fills 80 MiB of a tmpfs and frees
+//! it, so Kiln's guest-memory mapping holds those pages. Inflating the balloon to 64 MiB must
 //! give them back to the host: the mapping's RSS (its `/proc/PID/smaps` entry) drops by at least
-//! 100 MiB, the guest's MemTotal drops by the balloon's size, and `GET /balloon/statistics`
+//! 40 MiB, the guest's MemTotal drops by the balloon's size, and `GET /balloon/statistics`
 //! serves the guest's figures. Deflating it to 0 gives the memory back to the guest, which then
-//! fills 128 MiB: more than it had with the balloon inflated. (Filling costs minutes here: the
-//! guest kernel's copies run through the instruction emulator.)
+//! fills 64 MiB: more than it had with the balloon inflated. (Filling costs minutes here: the
+//! guest kernel's copies run through the instruction emulator, about 0.6 MiB/s; hence the small
+//! sizes.)
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -15,19 +16,21 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kiln_tests::{
-    api_call as call, die_with_test, kiln_bin, kvm_available, scratch_dir, wait_for_socket,
-    wait_until, wait_with_deadline, write_script_drive,
+    api_call as call, die_with_test, kiln_bin, kvm_available, scratch_dir, wait_for_exit,
+    wait_for_socket, wait_until, write_script_drive,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
-const GUEST_MIB: u64 = 256;
-const FILL_MIB: u64 = 200;
-const BALLOON_MIB: u64 = 160;
-/// The fill after deflating: more than the guest has while the balloon holds 160 MiB.
-const REFILL_MIB: u64 = 128;
+const GUEST_MIB: u64 = 128;
+const FILL_MIB: u64 = 80;
+const BALLOON_MIB: u64 = 64;
+/// The fill after deflating: more than the guest has free while the balloon holds 64 MiB.
+const REFILL_MIB: u64 = 64;
+/// How much of the filled memory inflating must hand back to the host.
+const RETURNED_MIB: u64 = 40;
 
-/// Fills and frees 200 MiB, then waits for MemTotal to drop by most of the balloon (inflated),
-/// then to come back (deflated), and fills 128 MiB.
+/// Fills and frees FILL_MIB, then waits for MemTotal to drop by most of the balloon (inflated),
+/// then to come back (deflated), and fills REFILL_MIB.
 fn guest_script() -> String {
     format!(
         r#"
@@ -177,7 +180,10 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
         &sock,
         "PUT",
         "/balloon",
-        r#"{"amount_mib":257,"deflate_on_oom":false}"#,
+        &format!(
+            r#"{{"amount_mib":{},"deflate_on_oom":false}}"#,
+            GUEST_MIB + 1
+        ),
     );
     assert_eq!(status, 400, "{reply}");
     put(
@@ -207,7 +213,7 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
     let before = guest_rss_kib(pid);
     assert!(
         before >= FILL_MIB << 10,
-        "the guest's 200 MiB should be resident: {before} KiB"
+        "the guest's {FILL_MIB} MiB should be resident: {before} KiB"
     );
 
     // Post-boot PUT is refused; PATCH inflates.
@@ -242,7 +248,7 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
     let after = guest_rss_kib(pid);
     eprintln!("guest-memory RSS {before} KiB -> {after} KiB with a {BALLOON_MIB} MiB balloon");
     assert!(
-        before.saturating_sub(after) >= 100 << 10,
+        before.saturating_sub(after) >= RETURNED_MIB << 10,
         "inflating to {BALLOON_MIB} MiB gave back only {} KiB",
         before.saturating_sub(after)
     );
@@ -253,12 +259,8 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
         ((GUEST_MIB - BALLOON_MIB - 32) << 20..=GUEST_MIB << 20).contains(&total),
         "{stats}"
     );
-    for field in [
-        "free_memory",
-        "available_memory",
-        "major_faults",
-        "minor_faults",
-    ] {
+    // Fault counts need the guest's VM_EVENT_COUNTERS, which the default kernel leaves out.
+    for field in ["free_memory", "available_memory", "disk_caches"] {
         assert!(stats[field].is_u64(), "{field} missing: {stats}");
     }
     put(
@@ -278,7 +280,7 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
         "statistics cannot be turned off after boot: {reply}"
     );
 
-    // Deflating gives the memory back: the guest can fill 200 MiB again.
+    // Deflating gives the memory back: the guest can fill REFILL_MIB, more than it had free.
     put(&sock, "PATCH", "/balloon", r#"{"amount_mib":0}"#);
     let deflated_kb: u64 = wait_for(&lines, "deflated", &mut seen).parse().unwrap();
     assert!(
@@ -290,8 +292,8 @@ fn inflating_returns_guest_memory_to_the_host_and_deflating_gives_it_back() {
         (REFILL_MIB << 20).to_string()
     );
     wait_for(&lines, "done", &mut seen);
-    let outcome = wait_with_deadline(child, BOOT_DEADLINE);
+    let status = wait_for_exit(&mut child, BOOT_DEADLINE);
     let stderr = stderr_thread.join().unwrap_or_default();
-    assert_eq!(outcome.code(), 0, "kiln: {stderr}");
+    assert_eq!(status.code(), Some(0), "kiln: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
