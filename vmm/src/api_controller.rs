@@ -8,14 +8,15 @@
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use api::models::{
-    ActionType, FirecrackerVersion, InstanceInfo, InstanceState, PartialDrive,
-    PartialNetworkInterface, RateLimiterConfig, VmState,
-};
+use api::models::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
 use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
 
-use crate::machine::{Vmm, VmmEvent};
+use kvm_ioctls::Kvm;
+
+use crate::arch::HostQuirks;
+use crate::builder::{build_microvm, BuildError};
+use crate::machine::{MicroVm, Vmm, VmmEvent};
 use crate::metrics::METRICS;
 use crate::resources::{balloon_model, ResourceError, VmResources};
 use crate::vmm_actions::VmmError;
@@ -65,6 +66,13 @@ impl ApiController {
         &self.resources
     }
 
+    /// Builds the microVM the resources describe: what `InstanceStart`, a `--config-file` and
+    /// `kiln run` all do. A failure leaves the resources as they were, to be fixed and tried
+    /// again.
+    pub fn start(&self, kvm: &Kvm, quirks: &HostQuirks) -> Result<MicroVm, BuildError> {
+        build_microvm(kvm, &self.resources, quirks)
+    }
+
     fn instance_info(&self, state: InstanceState) -> VmmData {
         VmmData::InstanceInfo(InstanceInfo {
             app_name: "Kiln".to_string(),
@@ -74,24 +82,30 @@ impl ApiController {
         })
     }
 
-    /// Requests either phase answers the same way; `None` for the others.
-    fn common(&self, request: &ApiRequest, state: InstanceState) -> Option<VmmOutcome> {
+    /// Requests either phase answers the same way, from `resources` (the pre-boot ones, or the
+    /// running VM's description); `None` for the others.
+    fn common(
+        &self,
+        request: &ApiRequest,
+        state: InstanceState,
+        resources: &VmResources,
+    ) -> Option<VmmOutcome> {
         Some(Ok(match request {
             ApiRequest::GetInstanceInfo => self.instance_info(state),
             ApiRequest::GetVersion => VmmData::Version(FirecrackerVersion {
                 firecracker_version: API_VERSION.to_string(),
             }),
             ApiRequest::GetMachineConfig => {
-                VmmData::MachineConfig(self.resources.machine_config.clone())
+                VmmData::MachineConfig(resources.machine_config.clone())
             }
-            ApiRequest::GetVmConfig => VmmData::VmConfig(Box::new(self.resources.full_config())),
+            ApiRequest::GetVmConfig => VmmData::VmConfig(Box::new(resources.full_config())),
             _ => return None,
         }))
     }
 
     /// Handles a request before `InstanceStart`.
     pub fn pre_boot(&mut self, request: ApiRequest) -> PreBoot {
-        if let Some(response) = self.common(&request, InstanceState::NotStarted) {
+        if let Some(response) = self.common(&request, InstanceState::NotStarted, &self.resources) {
             return PreBoot::Reply(response);
         }
         let r = &mut self.resources;
@@ -109,7 +123,7 @@ impl ApiController {
             ApiRequest::PutDrive(drive) => done(r.put_drive(drive)),
             ApiRequest::PutNetworkInterface(net) => done(r.put_net(net)),
             ApiRequest::PutEntropy(entropy) => {
-                r.entropy = Some(entropy);
+                r.put_entropy(entropy);
                 Ok(VmmData::Empty)
             }
             ApiRequest::PutSerial(serial) => done(r.put_serial(serial)),
@@ -121,8 +135,7 @@ impl ApiController {
                 .map(VmmData::BalloonConfig)
                 .map_err(VmmActionError::refused),
             ApiRequest::PutVsock(vsock) => {
-                // Replaces any earlier one; the socket is bound at InstanceStart.
-                r.vsock = Some(vsock);
+                r.put_vsock(vsock);
                 Ok(VmmData::Empty)
             }
             ApiRequest::PutLogger(logger) => match crate::logger::configure(&logger) {
@@ -158,7 +171,7 @@ impl ApiController {
         } else {
             InstanceState::Running
         };
-        if let Some(response) = self.common(&request, state) {
+        if let Some(response) = self.common(&request, state, vm.resources()) {
             return response;
         }
         match request {
@@ -183,11 +196,19 @@ impl ApiController {
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => done_vmm(vm.send_ctrl_alt_del()),
             ApiRequest::Action(ActionType::FlushMetrics) => done_vmm(vm.flush_metrics()),
-            ApiRequest::PatchDrive(patch) => match self.patch_drive(&patch, vm) {
+            ApiRequest::PatchDrive(patch) => match vm.update_drive(
+                &patch.drive_id,
+                patch.path_on_host.as_deref(),
+                patch.rate_limiter.as_ref(),
+            ) {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Unable to patch the block device: {e}")),
             },
-            ApiRequest::PatchNetworkInterface(patch) => match self.patch_net(&patch, vm) {
+            ApiRequest::PatchNetworkInterface(patch) => match vm.update_net_rate_limits(
+                &patch.iface_id,
+                patch.rx_rate_limiter.as_ref(),
+                patch.tx_rate_limiter.as_ref(),
+            ) {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Unable to patch the network interface: {e}")),
             },
@@ -195,28 +216,13 @@ impl ApiController {
                 .balloon_config()
                 .map(|config| VmmData::BalloonConfig(balloon_model(&config)))
                 .map_err(vmm_error),
-            ApiRequest::PatchBalloon(update) => {
-                if let Err(e) = self.resources.check_balloon_size(update.amount_mib) {
-                    return refused(e);
-                }
-                vm.update_balloon(update.amount_mib).map_err(vmm_error)?;
-                if let Some(stored) = self.resources.balloon.as_mut() {
-                    stored.amount_mib = update.amount_mib;
-                }
-                Ok(VmmData::Empty)
-            }
+            ApiRequest::PatchBalloon(update) => done_vmm(vm.update_balloon(update.amount_mib)),
             ApiRequest::GetBalloonStats => vm
                 .balloon_stats()
                 .map(|stats| VmmData::BalloonStats(Box::new(stats)))
                 .map_err(vmm_error),
             ApiRequest::PatchBalloonStats(update) => {
-                let interval = update.stats_polling_interval_s;
-                vm.update_balloon_stats_interval(interval)
-                    .map_err(vmm_error)?;
-                if let Some(stored) = self.resources.balloon.as_mut() {
-                    stored.stats_polling_interval_s = interval;
-                }
-                Ok(VmmData::Empty)
+                done_vmm(vm.update_balloon_stats_interval(update.stats_polling_interval_s))
             }
             ApiRequest::StartBalloonHinting(cmd) => {
                 done_vmm(vm.start_balloon_hinting(cmd.acknowledge_on_stop))
@@ -279,63 +285,6 @@ pub fn run_pre_boot<T>(
     }
 }
 
-impl ApiController {
-    /// `PATCH /drives/{id}` after boot: a new backing file (the guest is told its capacity may
-    /// have changed) and/or new rate limits (buckets left out keep their settings).
-    fn patch_drive(&mut self, patch: &PartialDrive, vm: &Vmm) -> Result<(), VmmError> {
-        let stored = self
-            .resources
-            .drives
-            .iter_mut()
-            .find(|d| d.drive_id == patch.drive_id)
-            .ok_or_else(|| VmmError::NoDevice(format!("no drive with id {}", patch.drive_id)))?;
-        let merged = patch
-            .rate_limiter
-            .as_ref()
-            .map(|limits| merge_limits(stored.rate_limiter.unwrap_or_default(), limits));
-        vm.update_drive(
-            &patch.drive_id,
-            patch.path_on_host.as_deref(),
-            merged.as_ref(),
-        )?;
-        if let Some(path) = &patch.path_on_host {
-            stored.path_on_host = Some(path.clone());
-        }
-        if merged.is_some() {
-            stored.rate_limiter = merged;
-        }
-        Ok(())
-    }
-
-    /// `PATCH /network-interfaces/{id}` after boot: new rx and/or tx rate limits.
-    fn patch_net(&mut self, patch: &PartialNetworkInterface, vm: &Vmm) -> Result<(), VmmError> {
-        let stored = self
-            .resources
-            .nets
-            .iter_mut()
-            .find(|n| n.iface_id == patch.iface_id)
-            .ok_or_else(|| {
-                VmmError::NoDevice(format!("no network interface with id {}", patch.iface_id))
-            })?;
-        let rx = patch
-            .rx_rate_limiter
-            .as_ref()
-            .map(|p| merge_limits(stored.rx_rate_limiter.unwrap_or_default(), p));
-        let tx = patch
-            .tx_rate_limiter
-            .as_ref()
-            .map(|p| merge_limits(stored.tx_rate_limiter.unwrap_or_default(), p));
-        vm.update_net_rate_limits(&patch.iface_id, rx.as_ref(), tx.as_ref())?;
-        if rx.is_some() {
-            stored.rx_rate_limiter = rx;
-        }
-        if tx.is_some() {
-            stored.tx_rate_limiter = tx;
-        }
-        Ok(())
-    }
-}
-
 /// A runtime action's failure as the client's refusal (a Kiln bug as an internal error).
 fn vmm_error(e: VmmError) -> VmmActionError {
     match e {
@@ -346,14 +295,6 @@ fn vmm_error(e: VmmError) -> VmmActionError {
 
 fn done_vmm(result: Result<(), VmmError>) -> VmmOutcome {
     result.map(|()| VmmData::Empty).map_err(vmm_error)
-}
-
-/// Firecracker's PATCH semantics for rate limiters: a bucket left out keeps its settings.
-fn merge_limits(old: RateLimiterConfig, patch: &RateLimiterConfig) -> RateLimiterConfig {
-    RateLimiterConfig {
-        bandwidth: patch.bandwidth.or(old.bandwidth),
-        ops: patch.ops.or(old.ops),
-    }
 }
 
 /// Microseconds since `started`, for the latency metrics.
@@ -507,26 +448,6 @@ mod tests {
         drop(tx);
         let end = run_pre_boot(&rx, &mut c, |_| Ok(()));
         assert_eq!(end, PreBootEnd::ChannelClosed);
-    }
-
-    #[test]
-    fn patched_rate_limits_keep_buckets_left_out() {
-        let bucket = |size| api::models::TokenBucketConfig {
-            size,
-            one_time_burst: None,
-            refill_time: 100,
-        };
-        let old = RateLimiterConfig {
-            bandwidth: Some(bucket(1000)),
-            ops: Some(bucket(10)),
-        };
-        let patch = RateLimiterConfig {
-            bandwidth: None,
-            ops: Some(bucket(20)),
-        };
-        let merged = merge_limits(old, &patch);
-        assert_eq!(merged.bandwidth, Some(bucket(1000)));
-        assert_eq!(merged.ops, Some(bucket(20)));
     }
 
     #[test]

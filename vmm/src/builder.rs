@@ -1,4 +1,4 @@
-//! Assembles a microVM, top to bottom: memory → kernel and initrd → VM → device backends →
+//! Assembles a microVM, top to bottom: the resources checked into a [`VmConfig`] → memory → kernel and initrd → VM → device backends →
 //! console → devices (each registered in the device registry, which hands out its slot) → vCPUs
 //! → the rest of the interrupt controller → the command line announcing the registry's devices
 //! and the boot structures → the vCPUs' boot state. Every architecture-specific step is a call
@@ -13,17 +13,21 @@ use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{self, BootError, EntryPoint, HostQuirks, LoadedKernel, LoaderError};
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, HostLimits, VmConfig};
 use crate::device_manager::{self, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
+use crate::resources::VmResources;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors in building a microVM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The resources do not make a VM this host can run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -61,18 +65,24 @@ impl BuildError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::Memory(MemoryError::Layout(_)) | Self::Loader(_) | Self::Console { .. }
+            Self::Config(_)
+                | Self::Memory(MemoryError::Layout(_))
+                | Self::Loader(_)
+                | Self::Console { .. }
         ) || matches!(self, Self::Devices(e) if e.is_bad_input())
     }
 }
 
-/// The root drive's command line parameter, if there is a root drive (always the first, vda).
+/// The root drive's command line parameters, if there is a root drive (always the first, vda):
+/// the partition by its UUID when it is named (Firecracker's `partuuid`), else the whole disk.
 fn root_param(config: &VmConfig) -> Option<String> {
-    config
-        .drives
-        .first()
-        .filter(|d| d.root)
-        .map(|d| format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" }))
+    config.drives.first().filter(|d| d.root).map(|d| {
+        let mode = if d.read_only { "ro" } else { "rw" };
+        match &d.partuuid {
+            Some(uuid) => format!("root=PARTUUID={uuid} {mode}"),
+            None => format!("root=/dev/vda {mode}"),
+        }
+    })
 }
 
 /// The user's command line with the host's quirks and the root drive; then `devices`, the
@@ -124,12 +134,14 @@ fn write_boot_tables(
     Ok(entry)
 }
 
-/// Builds a ready-to-start microVM from `config`.
+/// Builds a ready-to-start microVM from `resources`, which it keeps as the description of
+/// what it built.
 pub fn build_microvm(
     kvm: &Kvm,
-    config: &VmConfig,
+    resources: &VmResources,
     quirks: &HostQuirks,
 ) -> Result<MicroVm, BuildError> {
+    let config = &resources.vm_config(HostLimits::of(kvm))?;
     // Firecracker's boot time counts from the start of the build (InstanceStart being served).
     let boot_timer = config.boot_timer.then(BootTimer::new);
     let mem = memory::create_guest_memory(config.mem_bytes())?;
@@ -235,5 +247,12 @@ pub fn build_microvm(
             );
         }
     }
-    Ok(MicroVm::new(vm, mem, devices, event_loop, vcpus))
+    Ok(MicroVm::new(
+        vm,
+        mem,
+        devices,
+        event_loop,
+        vcpus,
+        resources.clone(),
+    ))
 }

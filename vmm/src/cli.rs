@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 
-use api::models::{LogLevel, Logger, Metrics};
+use api::models::{BootSource, LogLevel, Logger, MachineConfiguration, Metrics};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::ConsoleConfig;
+use crate::arch::MAX_VCPUS;
+use crate::config::{ConfigError, ConsoleConfig, SerialConfig};
 use crate::device_config::{parse_balloon, DriveConfig, NetConfig, RngConfig, VsockConfig};
+use crate::guest_images::GuestImages;
+use crate::resources::VmResources;
 use crate::seccomp::SeccompFilters;
 use devices::virtio::balloon::BalloonConfig;
 
@@ -201,6 +204,53 @@ pub struct RunArgs {
     pub balloon: Option<BalloonConfig>,
 }
 
+impl RunArgs {
+    /// The VM these flags describe, as the resources the API would have built. `images` is the
+    /// default guest, used when there is no `--kernel`: its vmlinux, and its initramfs unless a
+    /// `--drive ...,root` or `--initrd` is given.
+    pub fn into_resources(self, images: Option<&GuestImages>) -> Result<VmResources, ConfigError> {
+        let has_root_drive = self.drives.iter().any(|d| d.root);
+        let (kernel, initrd) = match (self.kernel, images) {
+            (Some(kernel), _) => (kernel, self.initrd),
+            (None, Some(images)) if has_root_drive => (images.vmlinux.clone(), self.initrd),
+            (None, Some(images)) => (
+                images.vmlinux.clone(),
+                self.initrd.or_else(|| Some(images.initramfs.clone())),
+            ),
+            (None, None) => return Err(ConfigError::NoBootSource),
+        };
+        let vcpu_count = u8::try_from(self.vcpus).map_err(|_| ConfigError::VcpuCount {
+            requested: self.vcpus,
+            max: MAX_VCPUS,
+        })?;
+        Ok(VmResources {
+            boot_source: Some(BootSource {
+                kernel_image_path: kernel,
+                boot_args: self.cmdline,
+                initrd_path: initrd,
+            }),
+            machine_config: MachineConfiguration {
+                vcpu_count,
+                mem_size_mib: self.mem_mib,
+                ..MachineConfiguration::default()
+            },
+            drives: self.drives,
+            nets: self.nets,
+            vsock: self.vsock,
+            rng: self.rng,
+            balloon: self.balloon,
+            serial: SerialConfig {
+                console: self.console,
+                rate_limit: None,
+            },
+            boot_timer: self.observability.boot_timer,
+            // The logging and metrics flags apply before the VM is built.
+            logger: None,
+            metrics: None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +332,51 @@ mod tests {
         assert_eq!(run.rng, Some(RngConfig::default()));
         let limited = parse(&["run", "--rng", "bw_size=1000,bw_refill_time=100"]).unwrap();
         assert!(limited.rng.unwrap().rate_limiter.bandwidth.is_some());
+    }
+
+    #[test]
+    fn flags_become_the_resources_the_api_would_build() {
+        let images = GuestImages {
+            vmlinux: "/g/vmlinux".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            rootfs: "/g/rootfs.ext4".into(),
+        };
+        let r = parse(&["run", "--vcpus", "2", "--boot-timer"])
+            .unwrap()
+            .into_resources(Some(&images))
+            .unwrap();
+        let boot = r.boot_source.clone().unwrap();
+        assert_eq!(boot.kernel_image_path, images.vmlinux);
+        assert_eq!(boot.initrd_path, Some(images.initramfs.clone()));
+        assert_eq!(boot.boot_args, None);
+        assert_eq!(r.machine_config.vcpu_count, 2);
+        assert!(r.boot_timer);
+        // A root drive boots without the default initramfs; the drives keep their order.
+        let r = parse(&[
+            "run",
+            "--drive",
+            "path=/d,id=data",
+            "--drive",
+            "path=/r,root,partuuid=0eaa91a0-01",
+            "--console",
+            "none",
+        ])
+        .unwrap()
+        .into_resources(Some(&images))
+        .unwrap();
+        assert_eq!(r.boot_source.as_ref().unwrap().initrd_path, None);
+        assert_eq!(r.drives[1].partuuid.as_deref(), Some("0eaa91a0-01"));
+        assert_eq!(r.serial.console, ConsoleConfig::None);
+        let own = parse(&["run", "--kernel", "/k"])
+            .unwrap()
+            .into_resources(None)
+            .unwrap();
+        assert_eq!(own.boot_source.unwrap().initrd_path, None);
+        let err = parse(&["run", "--vcpus", "300"])
+            .unwrap()
+            .into_resources(Some(&images))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::VcpuCount { requested: 300, .. }));
     }
 
     #[test]

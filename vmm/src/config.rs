@@ -46,6 +46,26 @@ impl FromStr for ConsoleConfig {
     }
 }
 
+/// The serial console: where it goes (`PUT /serial`'s `serial_out_path`, `--console`) and how
+/// fast the guest may write to it (`PUT /serial`'s `rate_limiter`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// Where the output goes.
+    pub console: ConsoleConfig,
+    /// The output rate; `None`: no limit.
+    pub rate_limit: Option<TokenBucketConfig>,
+}
+
+impl Default for SerialConfig {
+    /// Kiln's standard output, unlimited (Firecracker's default).
+    fn default() -> Self {
+        Self {
+            console: ConsoleConfig::Stdout,
+            rate_limit: None,
+        }
+    }
+}
+
 /// The largest config or seccomp filter file Kiln reads (Firecracker's biggest are a few KiB).
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
@@ -100,6 +120,9 @@ fn open_console_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// No kernel to boot (Firecracker's text for `InstanceStart` before `PUT /boot-source`).
+    #[error("Cannot start microvm without kernel configuration.")]
+    NoBootSource,
     /// vCPU count outside what KVM and the MP table allow.
     #[error("--vcpus {requested}: must be between 1 and {max} on this host")]
     VcpuCount {
@@ -159,6 +182,14 @@ pub struct HostLimits {
 }
 
 impl HostLimits {
+    /// What this host allows: KVM's vCPU limit and the host's RAM.
+    pub fn of(kvm: &kvm_ioctls::Kvm) -> Self {
+        Self {
+            max_vcpus: crate::vstate::vm::max_vcpus(kvm),
+            mem_mib: Self::host_mem_mib().unwrap_or(u64::MAX),
+        }
+    }
+
     /// Reads the host's RAM from /proc/meminfo; `None` if it cannot be read.
     pub fn host_mem_mib() -> Option<u64> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -175,7 +206,7 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Optional initrd / initramfs.
     pub initrd: Option<PathBuf>,
-    /// The kernel command line, before host quirks are added.
+    /// The kernel command line, before host quirks and devices are added.
     pub cmdline: String,
     /// Number of vCPUs, 1 ..= the host limit.
     pub vcpus: u8,
@@ -196,51 +227,21 @@ pub struct VmConfig {
     /// The balloon device, if any; never larger than the guest's memory.
     pub balloon: Option<BalloonConfig>,
     /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
-    /// `BOOT_TIMER_ADDR` logs its boot time. Off after [`VmConfigRequest::validate`]; the caller
-    /// turns it on.
+    /// `BOOT_TIMER_ADDR` logs its boot time.
     pub boot_timer: bool,
 }
 
-/// A configuration as given, before validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfigRequest {
-    /// Kernel image.
-    pub kernel: PathBuf,
-    /// Optional initrd.
-    pub initrd: Option<PathBuf>,
-    /// Command line; `None` means [`DEFAULT_CMDLINE`].
-    pub cmdline: Option<String>,
-    /// vCPUs as asked for.
-    pub vcpus: u64,
-    /// MiB as asked for.
-    pub mem_mib: u64,
-    /// Console.
-    pub console: ConsoleConfig,
-    /// The console's output rate, if limited.
-    pub console_rate_limit: Option<TokenBucketConfig>,
-    /// Block devices in the order given.
-    pub drives: Vec<DriveConfig>,
-    /// Network interfaces in the order given.
-    pub nets: Vec<NetConfig>,
-    /// The entropy device.
-    pub rng: Option<RngConfig>,
-    /// The vsock device.
-    pub vsock: Option<VsockConfig>,
-    /// The balloon device.
-    pub balloon: Option<BalloonConfig>,
-}
-
-impl VmConfigRequest {
-    /// Checks the request against the host's limits.
+impl VmConfig {
+    /// Checks the configuration against itself and the host's limits; names unnamed devices
+    /// and puts the root drive first.
     pub fn validate(self, limits: HostLimits) -> Result<VmConfig, ConfigError> {
         let max = limits.max_vcpus.min(usize::from(MAX_VCPUS)) as u8;
-        let vcpus = u8::try_from(self.vcpus)
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .ok_or(ConfigError::VcpuCount {
-                requested: self.vcpus,
+        if !(1..=max).contains(&self.vcpus) {
+            return Err(ConfigError::VcpuCount {
+                requested: u64::from(self.vcpus),
                 max,
-            })?;
+            });
+        }
         if self.mem_mib < MIN_MEM_SIZE >> 20 {
             return Err(ConfigError::MemoryTooSmall {
                 requested: self.mem_mib,
@@ -257,19 +258,9 @@ impl VmConfigRequest {
         }
         let (drives, nets) = name_devices(self.drives, self.nets)?;
         let config = VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-            vcpus,
-            mem_mib: self.mem_mib,
-            console: self.console,
-            console_rate_limit: self.console_rate_limit,
             drives,
             nets,
-            rng: self.rng,
-            vsock: self.vsock,
-            balloon: self.balloon,
-            boot_timer: false,
+            ..self
         };
         let count = config.virtio_device_count();
         if count > MAX_VIRTIO_DEVICES {
@@ -363,11 +354,11 @@ mod tests {
         mem_mib: 24 * 1024,
     };
 
-    fn request() -> VmConfigRequest {
-        VmConfigRequest {
+    fn request() -> VmConfig {
+        VmConfig {
             kernel: "/k".into(),
             initrd: None,
-            cmdline: None,
+            cmdline: DEFAULT_CMDLINE.into(),
             vcpus: 2,
             mem_mib: 128,
             console: ConsoleConfig::Stdout,
@@ -377,12 +368,13 @@ mod tests {
             rng: None,
             vsock: None,
             balloon: None,
+            boot_timer: false,
         }
     }
 
     #[test]
     fn devices_are_named_and_root_goes_first() {
-        let config = VmConfigRequest {
+        let config = VmConfig {
             drives: vec![
                 "path=/a".parse().unwrap(),
                 "path=/b,root".parse().unwrap(),
@@ -405,7 +397,7 @@ mod tests {
 
     #[test]
     fn device_conflicts() {
-        let two_roots = VmConfigRequest {
+        let two_roots = VmConfig {
             drives: vec![
                 "path=/a,root".parse().unwrap(),
                 "path=/b,root".parse().unwrap(),
@@ -416,7 +408,7 @@ mod tests {
             two_roots.validate(LIMITS),
             Err(ConfigError::MultipleRoots { .. })
         ));
-        let dup = VmConfigRequest {
+        let dup = VmConfig {
             drives: vec!["path=/a,id=x".parse().unwrap()],
             nets: vec!["tap=t,id=x".parse().unwrap()],
             ..request()
@@ -425,7 +417,7 @@ mod tests {
             dup.validate(LIMITS),
             Err(ConfigError::DuplicateId("x".into()))
         );
-        let many = VmConfigRequest {
+        let many = VmConfig {
             drives: (0..20)
                 .map(|i| format!("path=/d{i}").parse().unwrap())
                 .collect(),
@@ -435,17 +427,17 @@ mod tests {
     }
 
     #[test]
-    fn defaults_fill_in() {
+    fn a_valid_config_passes_unchanged() {
         let config = request().validate(LIMITS).unwrap();
-        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(config, request());
         assert_eq!(config.mem_bytes(), 128 << 20);
         assert_eq!(config.vcpus, 2);
     }
 
     #[test]
     fn vcpu_limits() {
-        for bad in [0, 255, 1 << 40] {
-            let err = VmConfigRequest {
+        for bad in [0, 255] {
+            let err = VmConfig {
                 vcpus: bad,
                 ..request()
             }
@@ -454,7 +446,7 @@ mod tests {
             assert_eq!(
                 err,
                 ConfigError::VcpuCount {
-                    requested: bad,
+                    requested: u64::from(bad),
                     max: 254
                 }
             );
@@ -463,7 +455,7 @@ mod tests {
             max_vcpus: 4,
             ..LIMITS
         };
-        let err = VmConfigRequest {
+        let err = VmConfig {
             vcpus: 5,
             ..request()
         }
@@ -473,7 +465,7 @@ mod tests {
             err.to_string(),
             "--vcpus 5: must be between 1 and 4 on this host"
         );
-        assert!(VmConfigRequest {
+        assert!(VmConfig {
             vcpus: 254,
             ..request()
         }
@@ -483,14 +475,14 @@ mod tests {
 
     #[test]
     fn memory_limits() {
-        let err = VmConfigRequest {
+        let err = VmConfig {
             mem_mib: 0,
             ..request()
         }
         .validate(LIMITS)
         .unwrap_err();
         assert_eq!(err, ConfigError::MemoryTooSmall { requested: 0 });
-        let err = VmConfigRequest {
+        let err = VmConfig {
             mem_mib: 1 << 30,
             ..request()
         }
@@ -509,7 +501,7 @@ mod tests {
             one_time_burst: None,
             refill_time: 100,
         };
-        let to_file = VmConfigRequest {
+        let to_file = VmConfig {
             console: ConsoleConfig::File("/tmp/console".into()),
             console_rate_limit: Some(bucket),
             ..request()

@@ -2,7 +2,7 @@
 //! parsed into typed configs.
 //!
 //! Formats:
-//! - `--drive path=FILE[,id=ID][,ro][,root][,RATE...]`
+//! - `--drive path=FILE[,id=ID][,ro][,root][,partuuid=UUID][,RATE...]`
 //! - `--net tap=NAME[,id=ID][,mac=MAC][,mtu=N][,rx_RATE...][,tx_RATE...]`
 //! - `--rng [RATE...]`
 //! - `--vsock cid=N,uds=PATH`
@@ -16,6 +16,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use api::models::{CacheType, IoEngine};
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::balloon::BalloonConfig;
 
@@ -46,17 +47,27 @@ pub enum DeviceOptionError {
     RateLimiter(String),
 }
 
-/// A block device.
+/// A block device: what `PUT /drives/{id}`, a config file's `drives` and `--drive` all become,
+/// from the edge to the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
-    /// The drive's id (also its GET_ID serial); `None` until the VM config names it.
+    /// The drive's id (also its GET_ID serial). Always set for a drive from the API or a config
+    /// file; `None` for a `--drive` without `id=`, until the VM config names it `drive<N>`.
     pub id: Option<String>,
     /// The image file.
     pub path: PathBuf,
     /// Refuse every write.
     pub read_only: bool,
-    /// Boot from this drive: the command line gets `root=/dev/vda ro|rw`.
+    /// Boot from this drive: the command line gets `root=/dev/vda ro|rw` (or
+    /// `root=PARTUUID=<partuuid>` when the partition is named).
     pub root: bool,
+    /// The root partition's unique id (Firecracker's `partuuid`), for a partitioned root drive.
+    pub partuuid: Option<String>,
+    /// Firecracker's flush setting, kept to be reported back. Kiln offers `VIRTIO_BLK_F_FLUSH`
+    /// and syncs the image on every flush either way: a flush the guest was answered is on disk.
+    pub cache_type: CacheType,
+    /// Firecracker's I/O engine, kept to be reported back; Kiln serves both synchronously.
+    pub io_engine: IoEngine,
     /// Bandwidth and IOPS limits.
     pub rate_limiter: RateLimiterConfig,
 }
@@ -88,6 +99,8 @@ pub struct RngConfig {
 /// The vsock device: the guest's CID and the host Unix socket (Firecracker's hybrid vsock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockConfig {
+    /// Firecracker's deprecated `vsock_id`, kept to be reported back.
+    pub vsock_id: Option<String>,
     /// The guest's context id, 3 ..= 2^32 - 2.
     pub guest_cid: u64,
     /// Where host clients connect; guest connections to port P reach `<uds_path>_<P>`.
@@ -184,6 +197,9 @@ impl FromStr for DriveConfig {
             path: PathBuf::new(),
             read_only: false,
             root: false,
+            partuuid: None,
+            cache_type: CacheType::default(),
+            io_engine: IoEngine::default(),
             rate_limiter: RateLimiterConfig::default(),
         };
         for (key, value) in options(s)? {
@@ -192,6 +208,10 @@ impl FromStr for DriveConfig {
                 "id" => config.id = Some(parse_id(value)?),
                 "ro" | "readonly" => config.read_only = flag(key, value)?,
                 "root" => config.root = flag(key, value)?,
+                "partuuid" => {
+                    let v = required(key, value)?;
+                    config.partuuid = Some(parse_partuuid(v)?);
+                }
                 _ => {
                     if !rate_key(&mut config.rate_limiter, key, value)? {
                         return Err(DeviceOptionError::UnknownKey(key.to_string()));
@@ -203,6 +223,20 @@ impl FromStr for DriveConfig {
         check_rate(&config.rate_limiter)?;
         Ok(config)
     }
+}
+
+/// A partition UUID as the kernel's `root=PARTUUID=` takes it: hex digits and dashes (a GPT
+/// UUID, or an MBR disk signature with a partition number), nothing that could end the
+/// command-line parameter.
+pub fn parse_partuuid(v: &str) -> Result<String, DeviceOptionError> {
+    if !api::models::is_partuuid(v) {
+        return Err(bad_value(
+            "partuuid",
+            v,
+            "hex digits and dashes, such as 0eaa91a0-01",
+        ));
+    }
+    Ok(v.to_string())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -322,6 +356,7 @@ impl FromStr for VsockConfig {
             }
         }
         Ok(VsockConfig {
+            vsock_id: None,
             guest_cid: cid.ok_or(DeviceOptionError::Missing("cid"))?,
             uds_path: uds.ok_or(DeviceOptionError::Missing("uds"))?,
         })

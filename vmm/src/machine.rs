@@ -26,6 +26,7 @@ use api::routes::ApiRequest;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
+use crate::resources::VmResources;
 use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind, PROCESS_SIGNALS};
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
 use crate::vstate::vm::Vm;
@@ -100,11 +101,24 @@ pub struct Vmm {
     event_loop: Option<RunningEventLoop>,
     devices: DeviceManager,
     paused: bool,
+    /// What the VM was built from, kept up to date by every runtime change: the one
+    /// description `GET /vm/config` reads after the start.
+    resources: VmResources,
     _vm: Vm,
     mem: GuestMemoryMmap,
 }
 
 impl Vmm {
+    /// The VM's description as it stands (runtime changes included).
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// The description, for the runtime actions that change the VM (`vmm_actions.rs`).
+    pub(crate) fn resources_mut(&mut self) -> &mut VmResources {
+        &mut self.resources
+    }
+
     /// True while the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -223,6 +237,7 @@ pub struct MicroVm {
     vcpus: Vec<Vcpu>,
     event_loop: Option<EventLoop>,
     devices: DeviceManager,
+    resources: VmResources,
     _vm: Vm,
     _mem: GuestMemoryMmap,
 }
@@ -239,11 +254,13 @@ impl MicroVm {
         devices: DeviceManager,
         event_loop: EventLoop,
         vcpus: Vec<Vcpu>,
+        resources: VmResources,
     ) -> Self {
         Self {
             vcpus,
             event_loop: Some(event_loop),
             devices,
+            resources,
             _vm: vm,
             _mem: mem,
         }
@@ -333,6 +350,7 @@ impl MicroVm {
             event_loop,
             devices: self.devices,
             paused: false,
+            resources: self.resources,
             _vm: self._vm,
             mem: self._mem,
         })

@@ -19,9 +19,8 @@ use clap::Parser;
 use devices::legacy::process_cpu_time;
 use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
 use vmm::arch::HostQuirks;
-use vmm::builder::build_microvm;
 use vmm::cli::{Cli, Command, ObservabilityArgs, ProcessArgs, RunArgs};
-use vmm::config::{ConsoleConfig, HostLimits, VmConfigRequest};
+use vmm::config::ConsoleConfig;
 use vmm::guest_images::default_guest;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::metrics::METRICS;
@@ -43,44 +42,28 @@ struct Startup {
     cpu: Option<Duration>,
 }
 
+/// `kiln run`: the flags become resources, and the controller starts them as it would the
+/// API's.
 fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
-    let limits = host_limits(&kvm);
-    let has_root_drive = args.drives.iter().any(|d| d.root);
-    let (kernel, initrd) = match args.kernel {
-        Some(kernel) => (kernel, args.initrd),
+    let images = match args.kernel {
+        Some(_) => None,
         None => match default_guest() {
-            // With a root drive the guest boots from it: no default initramfs.
-            Ok(images) if has_root_drive => (images.vmlinux, args.initrd),
-            Ok(images) => (images.vmlinux, args.initrd.or(Some(images.initramfs))),
+            Ok(images) => Some(images),
             Err(e) => return fail(EXIT_FAILURE, e),
         },
     };
     let forward_stdin = args.console == ConsoleConfig::Stdout;
-    let request = VmConfigRequest {
-        kernel,
-        initrd,
-        cmdline: args.cmdline,
-        vcpus: args.vcpus,
-        mem_mib: args.mem_mib,
-        console: args.console,
-        console_rate_limit: None,
-        drives: args.drives,
-        nets: args.nets,
-        rng: args.rng,
-        vsock: args.vsock,
-        balloon: args.balloon,
-    };
-    let mut config = match request.validate(limits) {
-        Ok(config) => config,
+    let resources = match args.into_resources(images.as_ref()) {
+        Ok(resources) => resources,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
-    config.boot_timer = args.observability.boot_timer;
+    let controller = ApiController::new(String::new(), resources);
     let quirks = HostQuirks::detect();
-    let microvm = match build_microvm(&kvm, &config, &quirks) {
+    let microvm = match controller.start(&kvm, &quirks) {
         Ok(microvm) => microvm,
         Err(e) if e.is_bad_input() => return fail(EXIT_BAD_INPUT, e),
         Err(e) => return fail(EXIT_FAILURE, e),
@@ -219,20 +202,14 @@ fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) ->
             .map(|(start, now)| now.saturating_sub(start));
         METRICS.api_started(startup.wall.elapsed(), cpu);
     }
-    let boot_timer = args.observability.boot_timer;
+    let resources = VmResources {
+        boot_timer: args.observability.boot_timer,
+        ..resources
+    };
     let mut controller = ApiController::new(args.id, resources);
     let quirks = HostQuirks::detect();
-    let start = |controller: &ApiController| -> Result<_, String> {
-        let request = controller
-            .resources()
-            .vm_config_request()
-            .map_err(|e| e.to_string())?;
-        let mut config = request
-            .validate(host_limits(&kvm))
-            .map_err(|e| e.to_string())?;
-        config.boot_timer = boot_timer;
-        build_microvm(&kvm, &config, &quirks).map_err(|e| e.to_string())
-    };
+    let start =
+        |controller: &ApiController| controller.start(&kvm, &quirks).map_err(|e| e.to_string());
     let microvm = if args.config_file.is_some() {
         match start(&controller) {
             Ok(microvm) => microvm,
@@ -272,13 +249,6 @@ fn read_config_file(path: &std::path::Path) -> Result<VmResources, String> {
     VmResources::from_config_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
-fn host_limits(kvm: &kvm_ioctls::Kvm) -> HostLimits {
-    HostLimits {
-        max_vcpus: vm::max_vcpus(kvm),
-        mem_mib: HostLimits::host_mem_mib().unwrap_or(u64::MAX),
-    }
-}
-
 /// Applies the logging and metrics flags.
 fn configure_observability(args: &ObservabilityArgs) -> Result<(), String> {
     if let Some(logger) = args.logger_config() {
@@ -294,7 +264,7 @@ fn configure_observability(args: &ObservabilityArgs) -> Result<(), String> {
 /// The two ways Kiln runs a VM (`kiln jail` only wraps one of them).
 enum Mode {
     /// `kiln run`: boot from flags until the guest reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Firecracker's process mode: serve the API.
     Process(ProcessArgs),
 }
@@ -309,7 +279,7 @@ fn main() -> ExitCode {
     let mode = match cli.command {
         // Before the logger, metrics and seccomp: the jailer must start single-threaded.
         Some(Command::Jail(args)) => return vmm::jail::main(args),
-        Some(Command::Run(args)) => Mode::Run(args),
+        Some(Command::Run(args)) => Mode::Run(Box::new(args)),
         None => Mode::Process(cli.process),
     };
     // The only possible failure is another logger installed first, and nothing else installs one.
@@ -327,7 +297,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
     let status = match mode {
-        Mode::Run(args) => run(args, &filters),
+        Mode::Run(args) => run(*args, &filters),
         Mode::Process(args) => serve(args, &startup, &filters),
     };
     // Firecracker writes the metrics one last time on its way out (a VM's run wrote it with

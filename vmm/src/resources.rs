@@ -1,19 +1,27 @@
-//! What a microVM is made of before it starts, as the API (or a config file) builds it up.
+//! What a microVM is made of before it starts, however it was described: built up by the API,
+//! read from a config file, or given as `kiln run`'s flags.
 //!
 //! Firecracker's model: each pre-boot `PUT` sets or replaces one resource (a drive by its id, the
 //! boot source, the machine config...), `GET /vm/config` reads them all back, and `InstanceStart`
-//! turns them into a VM. Bodies reach this module already parsed and validated by the `api` crate;
-//! the checks here are the ones that need the other resources (one root drive, unique ids).
+//! turns them into a VM. Each device is held as the one config type it keeps from the edge to the
+//! device ([`DriveConfig`], [`NetConfig`], ...): an API body is converted once, here, and
+//! converted back only for `GET /vm/config`. Bodies reach this module already parsed and
+//! validated by the `api` crate; the checks here are the ones that need the other resources (one
+//! root drive, unique ids), and [`VmResources::vm_config`] checks the whole against the host.
 
 use api::models::{
     Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
-    FullVmConfiguration, Logger, MachineConfiguration, MachineConfigurationPatch, Metrics,
+    FullVmConfiguration, Logger, MacAddr, MachineConfiguration, MachineConfigurationPatch, Metrics,
     NetworkInterface, SerialDevice, Vsock,
 };
 
+use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::balloon::BalloonConfig;
 
-use crate::config::{check_balloon_size, ConsoleConfig, VmConfigRequest};
+use crate::config::{
+    check_balloon_size, ConfigError, ConsoleConfig, HostLimits, SerialConfig, VmConfig,
+    DEFAULT_CMDLINE,
+};
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 
 /// A resource change that does not fit with the others.
@@ -22,9 +30,6 @@ pub enum ResourceError {
     /// A second root drive (Firecracker's text).
     #[error("A root block device already exists!")]
     RootExists,
-    /// `InstanceStart` before `PUT /boot-source`.
-    #[error("Cannot start microvm without kernel configuration.")]
-    NoBootSource,
     /// A network interface's TAP is already used by another interface.
     #[error("The host device name {0} is already in use.")]
     TapInUse(String),
@@ -50,21 +55,23 @@ pub struct VmResources {
     /// vCPUs and memory.
     pub machine_config: MachineConfiguration,
     /// Block devices in the order they were first put (a re-`PUT` keeps the place).
-    pub drives: Vec<Drive>,
+    pub drives: Vec<DriveConfig>,
     /// Network interfaces in the order they were first put.
-    pub nets: Vec<NetworkInterface>,
+    pub nets: Vec<NetConfig>,
     /// The vsock device.
-    pub vsock: Option<Vsock>,
+    pub vsock: Option<VsockConfig>,
     /// The entropy device.
-    pub entropy: Option<EntropyDevice>,
+    pub rng: Option<RngConfig>,
+    /// The balloon device.
+    pub balloon: Option<BalloonConfig>,
+    /// Where the serial console goes, and how fast it may write.
+    pub serial: SerialConfig,
     /// Logger settings.
     pub logger: Option<Logger>,
     /// Metrics settings.
     pub metrics: Option<Metrics>,
-    /// Serial console settings.
-    pub serial: Option<SerialDevice>,
-    /// The balloon device, as the device takes it.
-    pub balloon: Option<BalloonConfig>,
+    /// Firecracker's boot-timer device (`--boot-timer`, a process flag: not in the API).
+    pub boot_timer: bool,
 }
 
 /// Replaces the element `same` picks, or appends `item`.
@@ -82,8 +89,8 @@ impl VmResources {
         let mut resources = Self {
             boot_source: config.boot_source,
             machine_config: config.machine_config.unwrap_or_default(),
-            vsock: config.vsock,
-            entropy: config.entropy,
+            vsock: config.vsock.map(vsock_config),
+            rng: config.entropy.map(rng_config),
             logger: config.logger,
             metrics: config.metrics,
             ..Self::default()
@@ -115,15 +122,15 @@ impl VmResources {
     /// The resources in `GET /vm/config`'s shape.
     pub fn full_config(&self) -> FullVmConfiguration {
         FullVmConfiguration {
-            drives: self.drives.clone(),
+            drives: self.drives.iter().map(drive_model).collect(),
             boot_source: self.boot_source.clone(),
             logger: self.logger.clone(),
             machine_config: Some(self.machine_config.clone()),
             metrics: self.metrics.clone(),
-            network_interfaces: self.nets.clone(),
-            vsock: self.vsock.clone(),
-            entropy: self.entropy.clone(),
-            serial: self.serial.clone(),
+            network_interfaces: self.nets.iter().map(net_model).collect(),
+            vsock: self.vsock.as_ref().map(vsock_model),
+            entropy: self.rng.as_ref().map(rng_model),
+            serial: serial_model(&self.serial),
             balloon: self.balloon.as_ref().map(balloon_model),
         }
     }
@@ -172,37 +179,52 @@ impl VmResources {
 
     /// `PUT /drives/{id}`: adds the drive or replaces the one with its id.
     pub fn put_drive(&mut self, drive: Drive) -> Result<(), ResourceError> {
-        let other_root = self
-            .drives
-            .iter()
-            .any(|d| d.is_root_device && d.drive_id != drive.drive_id);
-        if drive.is_root_device && other_root {
+        let drive = drive_config(drive);
+        let other_root = self.drives.iter().any(|d| d.root && d.id != drive.id);
+        if drive.root && other_root {
             return Err(ResourceError::RootExists);
         }
-        let id = drive.drive_id.clone();
-        put(&mut self.drives, drive, |d| d.drive_id == id);
+        let id = drive.id.clone();
+        put(&mut self.drives, drive, |d| d.id == id);
         Ok(())
     }
 
     /// `PUT /network-interfaces/{id}`: adds the interface or replaces the one with its id.
     pub fn put_net(&mut self, net: NetworkInterface) -> Result<(), ResourceError> {
-        let others = || self.nets.iter().filter(|n| n.iface_id != net.iface_id);
-        if others().any(|n| n.host_dev_name == net.host_dev_name) {
-            return Err(ResourceError::TapInUse(net.host_dev_name));
+        let net = net_config(net);
+        let others = || self.nets.iter().filter(|n| n.id != net.id);
+        if others().any(|n| n.tap == net.tap) {
+            return Err(ResourceError::TapInUse(net.tap));
         }
-        if let Some(mac) = net.guest_mac {
-            if others().any(|n| n.guest_mac == Some(mac)) {
-                return Err(ResourceError::MacInUse(mac.to_string()));
+        if let Some(mac) = net.mac {
+            if others().any(|n| n.mac == Some(mac)) {
+                return Err(ResourceError::MacInUse(MacAddr(mac).to_string()));
             }
         }
-        let id = net.iface_id.clone();
-        put(&mut self.nets, net, |n| n.iface_id == id);
+        let id = net.id.clone();
+        put(&mut self.nets, net, |n| n.id == id);
         Ok(())
+    }
+
+    /// `PUT /vsock`: replaces any earlier one (its socket is bound at `InstanceStart`).
+    pub fn put_vsock(&mut self, vsock: Vsock) {
+        self.vsock = Some(vsock_config(vsock));
+    }
+
+    /// `PUT /entropy`: the entropy device.
+    pub fn put_entropy(&mut self, entropy: EntropyDevice) {
+        self.rng = Some(rng_config(entropy));
     }
 
     /// `PUT /serial`: where the guest's console goes, and how fast it may write.
     pub fn put_serial(&mut self, serial: SerialDevice) -> Result<(), ResourceError> {
-        self.serial = Some(serial);
+        self.serial = SerialConfig {
+            console: match serial.serial_out_path {
+                Some(path) => ConsoleConfig::File(path),
+                None => ConsoleConfig::Stdout,
+            },
+            rate_limit: serial.rate_limiter,
+        };
         Ok(())
     }
 
@@ -219,50 +241,135 @@ impl VmResources {
         Ok(())
     }
 
-    /// The VM these resources describe, ready for [`VmConfigRequest::validate`].
-    pub fn vm_config_request(&self) -> Result<VmConfigRequest, ResourceError> {
-        let boot = self
-            .boot_source
-            .as_ref()
-            .ok_or(ResourceError::NoBootSource)?;
-        let console = match self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
-            Some(path) => ConsoleConfig::File(path),
-            None => ConsoleConfig::Stdout,
-        };
-        Ok(VmConfigRequest {
+    /// The VM these resources describe, checked against the host: what the builder builds.
+    pub fn vm_config(&self, limits: HostLimits) -> Result<VmConfig, ConfigError> {
+        let boot = self.boot_source.as_ref().ok_or(ConfigError::NoBootSource)?;
+        VmConfig {
             kernel: boot.kernel_image_path.clone(),
             initrd: boot.initrd_path.clone(),
-            cmdline: boot.boot_args.clone(),
-            vcpus: u64::from(self.machine_config.vcpu_count),
+            cmdline: boot
+                .boot_args
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            vcpus: self.machine_config.vcpu_count,
             mem_mib: self.machine_config.mem_size_mib,
-            console,
-            console_rate_limit: self.serial.as_ref().and_then(|s| s.rate_limiter),
-            drives: self.drives.iter().map(drive_config).collect(),
-            nets: self.nets.iter().map(net_config).collect(),
-            rng: self.entropy.as_ref().map(|e| RngConfig {
-                rate_limiter: e.rate_limiter.unwrap_or_default(),
-            }),
-            vsock: self.vsock.as_ref().map(|v| VsockConfig {
-                guest_cid: u64::from(v.guest_cid),
-                uds_path: v.uds_path.clone(),
-            }),
+            console: self.serial.console.clone(),
+            console_rate_limit: self.serial.rate_limit,
+            drives: self.drives.clone(),
+            nets: self.nets.clone(),
+            rng: self.rng.clone(),
+            vsock: self.vsock.clone(),
             balloon: self.balloon,
-        })
+            boot_timer: self.boot_timer,
+        }
+        .validate(limits)
     }
 }
 
-fn drive_config(drive: &Drive) -> DriveConfig {
+// The conversions between the API's wire types and the devices' config types: the only place
+// either is turned into the other.
+
+fn drive_config(drive: Drive) -> DriveConfig {
     DriveConfig {
-        id: Some(drive.drive_id.clone()),
-        // Validation in the api crate refuses a drive without one.
-        path: drive.path_on_host.clone().unwrap_or_default(),
         read_only: drive.read_only(),
+        id: Some(drive.drive_id),
+        // Validation in the api crate refuses a drive without one.
+        path: drive.path_on_host.unwrap_or_default(),
         root: drive.is_root_device,
+        partuuid: drive.partuuid,
+        cache_type: drive.cache_type,
+        io_engine: drive.io_engine,
         rate_limiter: drive.rate_limiter.unwrap_or_default(),
     }
 }
 
-/// The API's balloon as the device takes it: the one conversion, at the edge.
+/// A drive as `GET /vm/config` shows it.
+pub fn drive_model(drive: &DriveConfig) -> Drive {
+    Drive {
+        drive_id: drive.id.clone().unwrap_or_default(),
+        partuuid: drive.partuuid.clone(),
+        is_root_device: drive.root,
+        cache_type: drive.cache_type,
+        is_read_only: Some(drive.read_only),
+        path_on_host: Some(drive.path.clone()),
+        rate_limiter: limiter_model(drive.rate_limiter),
+        io_engine: drive.io_engine,
+        socket: None,
+    }
+}
+
+fn net_config(net: NetworkInterface) -> NetConfig {
+    NetConfig {
+        id: Some(net.iface_id),
+        tap: net.host_dev_name,
+        mac: net.guest_mac.map(|mac| mac.bytes()),
+        mtu: net.mtu,
+        rx_rate_limiter: net.rx_rate_limiter.unwrap_or_default(),
+        tx_rate_limiter: net.tx_rate_limiter.unwrap_or_default(),
+    }
+}
+
+/// An interface as `GET /vm/config` shows it.
+pub fn net_model(net: &NetConfig) -> NetworkInterface {
+    NetworkInterface {
+        iface_id: net.id.clone().unwrap_or_default(),
+        host_dev_name: net.tap.clone(),
+        guest_mac: net.mac.map(MacAddr),
+        mtu: net.mtu,
+        rx_rate_limiter: limiter_model(net.rx_rate_limiter),
+        tx_rate_limiter: limiter_model(net.tx_rate_limiter),
+    }
+}
+
+/// No limit is shown as no `rate_limiter` at all.
+fn limiter_model(limiter: RateLimiterConfig) -> Option<RateLimiterConfig> {
+    (limiter != RateLimiterConfig::default()).then_some(limiter)
+}
+
+fn vsock_config(vsock: Vsock) -> VsockConfig {
+    VsockConfig {
+        vsock_id: vsock.vsock_id,
+        guest_cid: u64::from(vsock.guest_cid),
+        uds_path: vsock.uds_path,
+    }
+}
+
+fn vsock_model(vsock: &VsockConfig) -> Vsock {
+    Vsock {
+        vsock_id: vsock.vsock_id.clone(),
+        // The API and `--vsock` both keep it to 3 ..= 2^32 - 2.
+        guest_cid: u32::try_from(vsock.guest_cid).unwrap_or(u32::MAX),
+        uds_path: vsock.uds_path.clone(),
+    }
+}
+
+fn rng_config(entropy: EntropyDevice) -> RngConfig {
+    RngConfig {
+        rate_limiter: entropy.rate_limiter.unwrap_or_default(),
+    }
+}
+
+fn rng_model(rng: &RngConfig) -> EntropyDevice {
+    EntropyDevice {
+        rate_limiter: limiter_model(rng.rate_limiter),
+    }
+}
+
+/// The console as `GET /vm/config` shows it: nothing for the default (stdout, no limit).
+fn serial_model(serial: &SerialConfig) -> Option<SerialDevice> {
+    if *serial == SerialConfig::default() {
+        return None;
+    }
+    Some(SerialDevice {
+        serial_out_path: match &serial.console {
+            ConsoleConfig::File(path) => Some(path.clone()),
+            ConsoleConfig::Stdout | ConsoleConfig::None => None,
+        },
+        rate_limiter: serial.rate_limit,
+    })
+}
+
+/// The API's balloon as the device takes it.
 fn balloon_config(balloon: &Balloon) -> BalloonConfig {
     BalloonConfig {
         amount_mib: balloon.amount_mib,
@@ -284,20 +391,14 @@ pub fn balloon_model(config: &BalloonConfig) -> Balloon {
     }
 }
 
-fn net_config(net: &NetworkInterface) -> NetConfig {
-    NetConfig {
-        id: Some(net.iface_id.clone()),
-        tap: net.host_dev_name.clone(),
-        mac: net.guest_mac.map(|mac| mac.bytes()),
-        mtu: net.mtu,
-        rx_rate_limiter: net.rx_rate_limiter.unwrap_or_default(),
-        tx_rate_limiter: net.tx_rate_limiter.unwrap_or_default(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: HostLimits = HostLimits {
+        max_vcpus: 64,
+        mem_mib: 1 << 20,
+    };
 
     fn drive(id: &str, root: bool) -> Drive {
         serde_json::from_value(serde_json::json!({
@@ -347,10 +448,7 @@ mod tests {
         assert_eq!(r.full_config().balloon, Some(now));
         let back = VmResources::from_full_config(r.full_config()).unwrap();
         assert_eq!(back.balloon, r.balloon);
-        assert_eq!(
-            r.vm_config_request().err(),
-            Some(ResourceError::NoBootSource)
-        );
+        assert_eq!(r.vm_config(LIMITS).err(), Some(ConfigError::NoBootSource));
     }
 
     #[test]
@@ -366,9 +464,9 @@ mod tests {
         let mut rw_root = drive("rootfs", true);
         rw_root.is_read_only = Some(true);
         r.put_drive(rw_root).unwrap();
-        let ids: Vec<&str> = r.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        let ids: Vec<&str> = r.drives.iter().filter_map(|d| d.id.as_deref()).collect();
         assert_eq!(ids, ["rootfs", "drive1"]);
-        assert_eq!(r.drives[0].is_read_only, Some(true));
+        assert!(r.drives[0].read_only);
     }
 
     #[test]
@@ -390,7 +488,7 @@ mod tests {
     #[test]
     fn start_needs_a_boot_source_and_maps_everything() {
         let mut r = VmResources::default();
-        assert_eq!(r.vm_config_request(), Err(ResourceError::NoBootSource));
+        assert_eq!(r.vm_config(LIMITS), Err(ConfigError::NoBootSource));
         r.boot_source = Some(
             serde_json::from_value(serde_json::json!({
                 "kernel_image_path": "/k", "boot_args": "console=ttyS0"
@@ -399,10 +497,10 @@ mod tests {
         );
         r.put_drive(drive("rootfs", true)).unwrap();
         r.put_net(net("eth0", "tap0", "02:00:00:00:00:01")).unwrap();
-        r.entropy = Some(EntropyDevice { rate_limiter: None });
-        let req = r.vm_config_request().unwrap();
+        r.put_entropy(EntropyDevice { rate_limiter: None });
+        let req = r.vm_config(LIMITS).unwrap();
         assert_eq!(req.kernel, std::path::PathBuf::from("/k"));
-        assert_eq!(req.cmdline.as_deref(), Some("console=ttyS0"));
+        assert_eq!(req.cmdline, "console=ttyS0");
         assert_eq!((req.vcpus, req.mem_mib), (1, 128));
         assert_eq!(req.drives[0].id.as_deref(), Some("rootfs"));
         assert!(req.drives[0].root && !req.drives[0].read_only);
@@ -418,6 +516,46 @@ mod tests {
         r.put_net(net("eth0", "tap0", "02:00:00:00:00:01")).unwrap();
         let again = VmResources::from_full_config(r.full_config()).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn every_api_field_comes_back_in_get_vm_config() {
+        let full: FullVmConfiguration = serde_json::from_value(serde_json::json!({
+            "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+            "drives": [{
+                "drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
+                "is_read_only": true, "partuuid": "0eaa91a0-01", "cache_type": "Writeback",
+                "io_engine": "Async",
+                "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}
+            }],
+            "network-interfaces": [{
+                "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01",
+                "mtu": 1400, "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}
+            }],
+            "vsock": {"vsock_id": "v", "guest_cid": 3, "uds_path": "/v.sock"},
+            "entropy": {"rate_limiter": {"bandwidth": {"size": 64, "refill_time": 100}}},
+            "serial": {"serial_out_path": "/console.log"},
+            "balloon": {"amount_mib": 8, "deflate_on_oom": true, "stats_polling_interval_s": 1}
+        }))
+        .unwrap();
+        let r = VmResources::from_full_config(full.clone()).unwrap();
+        let back = serde_json::to_value(r.full_config()).unwrap();
+        let sent = serde_json::to_value(&full).unwrap();
+        for part in [
+            "boot-source",
+            "drives",
+            "network-interfaces",
+            "vsock",
+            "entropy",
+            "serial",
+        ] {
+            assert_eq!(back[part], sent[part], "{part}");
+        }
+        assert_eq!(r.drives[0].partuuid.as_deref(), Some("0eaa91a0-01"));
+        assert_eq!(r.serial.console, ConsoleConfig::File("/console.log".into()));
+        let config = r.vm_config(LIMITS).unwrap();
+        assert_eq!(config.console, ConsoleConfig::File("/console.log".into()));
+        assert_eq!(config.balloon.map(|b| b.amount_mib), Some(8));
     }
 
     #[test]

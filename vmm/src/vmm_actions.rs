@@ -71,13 +71,22 @@ impl Vmm {
     }
 
     /// Gives drive `id` the image at `path` (the guest is told its capacity may have changed)
-    /// and/or the rate limits `limits`.
+    /// and/or new rate limits: `limits` is Firecracker's PATCH, whose buckets left out keep
+    /// their settings. The VM's description changes only once the device took the change.
     pub fn update_drive(
-        &self,
+        &mut self,
         id: &str,
         path: Option<&Path>,
         limits: Option<&RateLimiterConfig>,
     ) -> Result<(), VmmError> {
+        let stored = self
+            .resources()
+            .drives
+            .iter()
+            .position(|d| d.id.as_deref() == Some(id))
+            .ok_or_else(|| VmmError::NoDevice(format!("no drive with id {id}")))?;
+        let merged =
+            limits.map(|patch| merge_limits(self.resources().drives[stored].rate_limiter, patch));
         self.devices().registry.with_device::<Block, _>(
             DeviceKind::Block,
             id,
@@ -88,29 +97,55 @@ impl Vmm {
                         .map_err(|e| VmmError::Device(e.to_string()))?;
                     transport.config_changed();
                 }
-                if let Some(limits) = limits {
+                if let Some(limits) = &merged {
                     block
                         .update_rate_limiter(limits)
                         .map_err(|e| VmmError::Device(e.to_string()))?;
                 }
-                Ok(())
+                Ok::<(), VmmError>(())
             },
-        )?
+        )??;
+        let drive = &mut self.resources_mut().drives[stored];
+        if let Some(path) = path {
+            drive.path = path.to_path_buf();
+        }
+        if let Some(merged) = merged {
+            drive.rate_limiter = merged;
+        }
+        Ok(())
     }
 
-    /// Gives network interface `id` new receive and/or transmit rate limits.
+    /// Gives network interface `id` new receive and/or transmit rate limits (Firecracker's
+    /// PATCH: buckets left out keep their settings).
     pub fn update_net_rate_limits(
-        &self,
+        &mut self,
         id: &str,
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<(), VmmError> {
+        let stored = self
+            .resources()
+            .nets
+            .iter()
+            .position(|n| n.id.as_deref() == Some(id))
+            .ok_or_else(|| VmmError::NoDevice(format!("no network interface with id {id}")))?;
+        let net_config = &self.resources().nets[stored];
+        let rx = rx.map(|patch| merge_limits(net_config.rx_rate_limiter, patch));
+        let tx = tx.map(|patch| merge_limits(net_config.tx_rate_limiter, patch));
         self.devices()
             .registry
             .with_device::<Net, _>(DeviceKind::Net, id, |net, _| {
-                net.update_rate_limiters(rx, tx)
+                net.update_rate_limiters(rx.as_ref(), tx.as_ref())
                     .map_err(|e| VmmError::Device(e.to_string()))
-            })?
+            })??;
+        let net_config = &mut self.resources_mut().nets[stored];
+        if let Some(rx) = rx {
+            net_config.rx_rate_limiter = rx;
+        }
+        if let Some(tx) = tx {
+            net_config.tx_rate_limiter = tx;
+        }
+        Ok(())
     }
 
     /// Runs `f` on the balloon and its transport.
@@ -130,13 +165,21 @@ impl Vmm {
         self.with_balloon(|balloon, _| Ok(balloon.config()))
     }
 
-    /// Sets the balloon's target; the guest hears of it through a config-change interrupt.
-    pub fn update_balloon(&self, amount_mib: u32) -> Result<(), VmmError> {
+    /// Sets the balloon's target (at most the guest's memory); the guest hears of it through a
+    /// config-change interrupt.
+    pub fn update_balloon(&mut self, amount_mib: u32) -> Result<(), VmmError> {
+        self.resources()
+            .check_balloon_size(amount_mib)
+            .map_err(|e| VmmError::Device(e.to_string()))?;
         self.with_balloon(|balloon, transport| {
             balloon.set_target_mib(amount_mib)?;
             transport.config_changed();
             Ok(())
-        })
+        })?;
+        if let Some(stored) = self.resources_mut().balloon.as_mut() {
+            stored.amount_mib = amount_mib;
+        }
+        Ok(())
     }
 
     /// The guest's last memory statistics, with the balloon's target and actual sizes.
@@ -146,8 +189,12 @@ impl Vmm {
 
     /// A new statistics polling interval (statistics cannot be switched on or off once the
     /// guest has the device).
-    pub fn update_balloon_stats_interval(&self, seconds: u16) -> Result<(), VmmError> {
-        self.with_balloon(|balloon, _| balloon.set_stats_interval(seconds))
+    pub fn update_balloon_stats_interval(&mut self, seconds: u16) -> Result<(), VmmError> {
+        self.with_balloon(|balloon, _| balloon.set_stats_interval(seconds))?;
+        if let Some(stored) = self.resources_mut().balloon.as_mut() {
+            stored.stats_polling_interval_s = seconds;
+        }
+        Ok(())
     }
 
     /// Starts a free page hinting run; with `acknowledge_on_stop` the VMM ends it itself when
@@ -172,5 +219,38 @@ impl Vmm {
             transport.config_changed();
             Ok(())
         })
+    }
+}
+
+/// Firecracker's PATCH semantics for rate limiters: a bucket left out keeps its settings.
+fn merge_limits(old: RateLimiterConfig, patch: &RateLimiterConfig) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: patch.bandwidth.or(old.bandwidth),
+        ops: patch.ops.or(old.ops),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patched_rate_limits_keep_buckets_left_out() {
+        let bucket = |size| api::models::TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let old = RateLimiterConfig {
+            bandwidth: Some(bucket(1000)),
+            ops: Some(bucket(10)),
+        };
+        let patch = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(20)),
+        };
+        let merged = merge_limits(old, &patch);
+        assert_eq!(merged.bandwidth, Some(bucket(1000)));
+        assert_eq!(merged.ops, Some(bucket(20)));
     }
 }

@@ -80,6 +80,14 @@ impl Drive {
             });
         };
         check_path("path_on_host", path)?;
+        if let Some(partuuid) = &self.partuuid {
+            if !is_partuuid(partuuid) {
+                return Err(ValidationError::InvalidPartuuid {
+                    drive_id: self.drive_id.clone(),
+                    partuuid: partuuid.clone(),
+                });
+            }
+        }
         check_rate_limiter("rate_limiter", self.rate_limiter.as_ref())
     }
 
@@ -87,6 +95,12 @@ impl Drive {
     pub fn read_only(&self) -> bool {
         self.is_read_only.unwrap_or(false)
     }
+}
+
+/// Whether `s` can follow `root=PARTUUID=` on a kernel command line: a GPT UUID, or an MBR disk
+/// signature and partition number (`0eaa91a0-01`): hex digits and dashes, at most 36.
+pub fn is_partuuid(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
 /// The body of `PATCH /drives/{drive_id}`: a new backing file and/or rate limiter for an
@@ -139,6 +153,26 @@ mod tests {
         d.validate().unwrap();
         assert_eq!(d.is_read_only, None);
         assert!(!d.read_only());
+    }
+
+    #[test]
+    fn partuuid_must_be_hex_and_dashes() {
+        for good in ["0eaa91a0-01", "6c9e2ad4-3d56-4a7c-8a31-8f2f3c1c9b0e"] {
+            let body = format!(
+                r#"{{"drive_id":"r","path_on_host":"/x","is_root_device":true,"partuuid":"{good}"}}"#
+            );
+            drive(&body).validate().unwrap();
+        }
+        for bad in ["", "0eaa91a0-01 init=/bin/sh", "zz", &"a".repeat(37)] {
+            let body = format!(
+                r#"{{"drive_id":"r","path_on_host":"/x","is_root_device":true,"partuuid":"{bad}"}}"#
+            );
+            let err = drive(&body).validate().unwrap_err();
+            assert!(
+                matches!(err, ValidationError::InvalidPartuuid { .. }),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

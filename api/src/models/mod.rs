@@ -33,7 +33,7 @@ pub use balloon::{
     MAX_BALLOON_MIB,
 };
 pub use boot::BootSource;
-pub use drive::{CacheType, Drive, IoEngine, PartialDrive};
+pub use drive::{is_partuuid, CacheType, Drive, IoEngine, PartialDrive};
 pub use entropy::EntropyDevice;
 pub use instance::{
     ActionType, ApiError, FirecrackerVersion, InstanceActionInfo, InstanceInfo, InstanceState, Vm,
@@ -118,6 +118,17 @@ pub enum ValidationError {
     VhostUserNotSupported {
         /// The drive's ID.
         drive_id: String,
+    },
+    /// A `partuuid` that is not a partition UUID (it goes on the guest's command line).
+    #[error(
+        "Drive {drive_id:?}: partuuid {partuuid:?} is not a partition UUID: it must be 1 to 36 \
+         hex digits and dashes, such as \"0eaa91a0-01\"."
+    )]
+    InvalidPartuuid {
+        /// The drive's ID.
+        drive_id: String,
+        /// The rejected value.
+        partuuid: String,
     },
     /// A drive without `path_on_host` (optional in Firecracker only for vhost-user drives).
     #[error("Drive {drive_id:?}: path_on_host is required.")]
