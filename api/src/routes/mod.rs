@@ -140,12 +140,20 @@ pub enum RequestError {
     InvalidPathMethod {
         /// The request method as received.
         method: String,
-        /// The request path as received (without any query string).
+        /// The path's first segment (the resource), as Firecracker reports it.
         path: String,
     },
     /// A `GET` with a body (Firecracker's text).
     #[error("GET request cannot have a body.")]
     GetWithBody,
+    /// A sub-path of `/balloon` that does not exist (Firecracker's text).
+    #[error("Unrecognized {method} request path `{path}`.")]
+    UnrecognizedPath {
+        /// The request method.
+        method: &'static str,
+        /// The part of the path that is not known.
+        path: String,
+    },
     /// A `PUT` without a body (Firecracker's text).
     #[error("Empty PUT request.")]
     EmptyPut,
@@ -199,43 +207,138 @@ impl RequestError {
 /// are tolerated as in Firecracker.
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, RequestError> {
     let path = path.split_once('?').map_or(path, |(p, _query)| p);
-    let segments: Vec<&str> = path.trim_start_matches('/').split_terminator('/').collect();
+    // Firecracker's matching: the first segment picks the resource; what follows is looked at
+    // only where the resource has sub-paths (`/vm/config`, `/balloon/...`) or an id
+    // (`/drives/{id}`), and ignored otherwise, so `PUT /vsock/vsock0` is `PUT /vsock`.
+    let mut segments = path.trim_start_matches('/').split_terminator('/');
+    let resource = segments.next().unwrap_or("");
+    let rest: Vec<&str> = segments.collect();
     let has_body = !body.is_empty();
-
-    // The hinting commands are the one PATCH Firecracker takes without a body.
-    let bodyless_patch = matches!(segments.as_slice(), ["balloon", "hinting", ..]);
-    match (method, has_body) {
-        ("GET", true) => return Err(RequestError::GetWithBody),
-        ("PUT", false) => return Err(RequestError::EmptyPut),
-        ("PATCH", false) if !bodyless_patch => return Err(RequestError::EmptyPatch),
-        _ => {}
-    }
-
     let invalid = || RequestError::InvalidPathMethod {
         method: method.to_string(),
-        path: path.to_string(),
+        path: resource.to_string(),
     };
+    let id = || rest.first().copied();
 
-    match (method, segments.as_slice()) {
-        ("GET", []) => Ok(ApiRequest::GetInstanceInfo),
-        ("GET", ["version"]) => Ok(ApiRequest::GetVersion),
-        ("GET", ["machine-config"]) => Ok(ApiRequest::GetMachineConfig),
-        ("GET", ["vm", "config"]) => Ok(ApiRequest::GetVmConfig),
-        ("GET", ["balloon"]) => Ok(ApiRequest::GetBalloon),
-        ("GET", ["balloon", "statistics"]) => Ok(ApiRequest::GetBalloonStats),
-        ("GET", ["balloon", "hinting", "status"]) => Ok(ApiRequest::GetBalloonHintingStatus),
+    match (method, resource, has_body) {
+        ("GET", "", false) => Ok(ApiRequest::GetInstanceInfo),
+        ("GET", "balloon", false) => match rest.as_slice() {
+            [] => Ok(ApiRequest::GetBalloon),
+            ["statistics", ..] => Ok(ApiRequest::GetBalloonStats),
+            ["hinting", "status", ..] => Ok(ApiRequest::GetBalloonHintingStatus),
+            ["hinting", other, ..] => Err(RequestError::UnrecognizedPath {
+                method: "GET",
+                path: format!("/hinting/{other}"),
+            }),
+            ["hinting"] => Err(RequestError::UnrecognizedPath {
+                method: "GET",
+                path: "/hinting/".to_string(),
+            }),
+            [other, ..] => Err(RequestError::UnrecognizedPath {
+                method: "GET",
+                path: (*other).to_string(),
+            }),
+        },
+        ("GET", "version", false) => Ok(ApiRequest::GetVersion),
+        ("GET", "vm", false) if id() == Some("config") => Ok(ApiRequest::GetVmConfig),
+        ("GET", "machine-config", false) => Ok(ApiRequest::GetMachineConfig),
+        ("GET", _, true) => Err(RequestError::GetWithBody),
 
-        ("PUT", ["boot-source"]) => {
+        ("PUT", "actions", true) => {
+            let action: InstanceActionInfo = parse_body(body)?;
+            Ok(ApiRequest::Action(action.action_type))
+        }
+        ("PUT", "balloon", true) => {
+            let balloon: Balloon = parse_body(body)?;
+            balloon.validate()?;
+            Ok(ApiRequest::PutBalloon(balloon))
+        }
+        ("PUT", "boot-source", true) => {
             let boot: BootSource = parse_body(body)?;
             boot.validate()?;
             Ok(ApiRequest::PutBootSource(boot))
         }
-        ("PUT", ["machine-config"]) => {
+        ("PUT", "drives", true) => {
+            let id = path_id(id())?;
+            let drive: Drive = parse_body(body)?;
+            same_id(id, &drive.drive_id)?;
+            drive.validate()?;
+            Ok(ApiRequest::PutDrive(drive))
+        }
+        ("PUT", "logger", true) => {
+            let logger: Logger = parse_body(body)?;
+            logger.validate()?;
+            Ok(ApiRequest::PutLogger(logger))
+        }
+        ("PUT", "serial", true) => {
+            let serial: SerialDevice = parse_body(body)?;
+            serial.validate()?;
+            Ok(ApiRequest::PutSerial(serial))
+        }
+        ("PUT", "machine-config", true) => {
             let machine: MachineConfiguration = parse_body(body)?;
             machine.validate()?;
             Ok(ApiRequest::PutMachineConfig(machine))
         }
-        ("PATCH", ["machine-config"]) => {
+        ("PUT", "metrics", true) => {
+            let metrics: Metrics = parse_body(body)?;
+            metrics.validate()?;
+            Ok(ApiRequest::PutMetrics(metrics))
+        }
+        ("PUT", "network-interfaces", true) => {
+            let id = path_id(id())?;
+            let iface: NetworkInterface = parse_body(body)?;
+            same_id(id, &iface.iface_id)?;
+            iface.validate()?;
+            Ok(ApiRequest::PutNetworkInterface(iface))
+        }
+        ("PUT", "vsock", true) => {
+            let vsock: Vsock = parse_body(body)?;
+            vsock.validate()?;
+            Ok(ApiRequest::PutVsock(vsock))
+        }
+        ("PUT", "entropy", true) => {
+            let entropy: EntropyDevice = parse_body(body)?;
+            entropy.validate()?;
+            Ok(ApiRequest::PutEntropy(entropy))
+        }
+        ("PUT", _, false) => Err(RequestError::EmptyPut),
+
+        // The hinting commands are the one PATCH Firecracker takes without a body.
+        ("PATCH", "balloon", _) => match (rest.as_slice(), has_body) {
+            (["statistics", ..], true) => Ok(ApiRequest::PatchBalloonStats(parse_body(body)?)),
+            (["hinting", "start", ..], _) => {
+                let cmd = if has_body {
+                    parse_body(body)?
+                } else {
+                    BalloonStartCmd::default()
+                };
+                Ok(ApiRequest::StartBalloonHinting(cmd))
+            }
+            (["hinting", "stop", ..], _) => Ok(ApiRequest::StopBalloonHinting),
+            (["hinting", other, ..], _) => Err(RequestError::UnrecognizedPath {
+                method: "PATCH",
+                path: format!("/hinting/{other}"),
+            }),
+            (["hinting"], _) => Err(RequestError::UnrecognizedPath {
+                method: "PATCH",
+                path: "/hinting/".to_string(),
+            }),
+            (_, true) => {
+                let update: BalloonUpdate = parse_body(body)?;
+                update.validate()?;
+                Ok(ApiRequest::PatchBalloon(update))
+            }
+            (_, false) => Err(RequestError::EmptyPatch),
+        },
+        ("PATCH", "drives", true) => {
+            let id = path_id(id())?;
+            let drive: PartialDrive = parse_body(body)?;
+            same_id(id, &drive.drive_id)?;
+            drive.validate()?;
+            Ok(ApiRequest::PatchDrive(drive))
+        }
+        ("PATCH", "machine-config", true) => {
             let patch: MachineConfigurationPatch = parse_body(body)?;
             if patch.is_empty() {
                 return Err(RequestError::EmptyPatch);
@@ -243,101 +346,28 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             patch.validate()?;
             Ok(ApiRequest::PatchMachineConfig(patch))
         }
-        ("PUT", ["drives", rest @ ..]) => {
-            let id = path_id(rest).ok_or_else(invalid)??;
-            let drive: Drive = parse_body(body)?;
-            same_id(id, &drive.drive_id)?;
-            drive.validate()?;
-            Ok(ApiRequest::PutDrive(drive))
-        }
-        ("PATCH", ["drives", rest @ ..]) => {
-            let id = path_id(rest).ok_or_else(invalid)??;
-            let drive: PartialDrive = parse_body(body)?;
-            same_id(id, &drive.drive_id)?;
-            drive.validate()?;
-            Ok(ApiRequest::PatchDrive(drive))
-        }
-        ("PUT", ["network-interfaces", rest @ ..]) => {
-            let id = path_id(rest).ok_or_else(invalid)??;
-            let iface: NetworkInterface = parse_body(body)?;
-            same_id(id, &iface.iface_id)?;
-            iface.validate()?;
-            Ok(ApiRequest::PutNetworkInterface(iface))
-        }
-        ("PATCH", ["network-interfaces", rest @ ..]) => {
-            let id = path_id(rest).ok_or_else(invalid)??;
+        ("PATCH", "network-interfaces", true) => {
+            let id = path_id(id())?;
             let iface: PartialNetworkInterface = parse_body(body)?;
             same_id(id, &iface.iface_id)?;
             iface.validate()?;
             Ok(ApiRequest::PatchNetworkInterface(iface))
         }
-        ("PUT", ["vsock"]) => {
-            let vsock: Vsock = parse_body(body)?;
-            vsock.validate()?;
-            Ok(ApiRequest::PutVsock(vsock))
-        }
-        ("PUT", ["entropy"]) => {
-            let entropy: EntropyDevice = parse_body(body)?;
-            entropy.validate()?;
-            Ok(ApiRequest::PutEntropy(entropy))
-        }
-        ("PUT", ["actions"]) => {
-            let action: InstanceActionInfo = parse_body(body)?;
-            Ok(ApiRequest::Action(action.action_type))
-        }
-        ("PATCH", ["vm"]) => {
+        ("PATCH", "vm", true) => {
             let vm: Vm = parse_body(body)?;
             Ok(ApiRequest::PatchVm(vm.state))
         }
-        ("PUT", ["logger"]) => {
-            let logger: Logger = parse_body(body)?;
-            logger.validate()?;
-            Ok(ApiRequest::PutLogger(logger))
-        }
-        ("PUT", ["metrics"]) => {
-            let metrics: Metrics = parse_body(body)?;
-            metrics.validate()?;
-            Ok(ApiRequest::PutMetrics(metrics))
-        }
-        ("PUT", ["serial"]) => {
-            let serial: SerialDevice = parse_body(body)?;
-            serial.validate()?;
-            Ok(ApiRequest::PutSerial(serial))
-        }
-        ("PUT", ["balloon"]) => {
-            let balloon: Balloon = parse_body(body)?;
-            balloon.validate()?;
-            Ok(ApiRequest::PutBalloon(balloon))
-        }
-        ("PATCH", ["balloon"]) => {
-            let update: BalloonUpdate = parse_body(body)?;
-            update.validate()?;
-            Ok(ApiRequest::PatchBalloon(update))
-        }
-        ("PATCH", ["balloon", "statistics"]) => {
-            Ok(ApiRequest::PatchBalloonStats(parse_body(body)?))
-        }
-        ("PATCH", ["balloon", "hinting", "start"]) => {
-            let cmd = if has_body {
-                parse_body(body)?
-            } else {
-                BalloonStartCmd::default()
-            };
-            Ok(ApiRequest::StartBalloonHinting(cmd))
-        }
-        ("PATCH", ["balloon", "hinting", "stop"]) => Ok(ApiRequest::StopBalloonHinting),
+        ("PATCH", _, false) => Err(RequestError::EmptyPatch),
         _ => Err(invalid()),
     }
 }
 
-/// The `{id}` of `/<resource>/{id}`: `None` if there are more segments (no such route), an error
-/// if the ID is missing (Firecracker's "The ID cannot be empty.") or malformed.
-fn path_id<'a>(rest: &[&'a str]) -> Option<Result<&'a str, RequestError>> {
-    match rest {
-        [] => Some(Err(ValidationError::EmptyId.into())),
-        [id] => Some(check_id(id).map(|()| *id).map_err(RequestError::from)),
-        _ => None,
-    }
+/// The `{id}` of `/<resource>/{id}[/...]`: Firecracker's "The ID cannot be empty." without
+/// one; checked as an id.
+fn path_id(id: Option<&str>) -> Result<&str, RequestError> {
+    let id = id.ok_or(ValidationError::EmptyId)?;
+    check_id(id)?;
+    Ok(id)
 }
 
 /// Requires the body's ID to equal the path's.

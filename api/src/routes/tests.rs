@@ -513,58 +513,35 @@ fn path_ids() {
 
 #[test]
 fn unknown_paths_and_methods() {
-    assert_eq!(
-        message("GET", "/invalid", ""),
-        "Invalid request method and/or path: GET /invalid."
-    );
-    assert_eq!(
-        message("PUT", "/mmds", "{}"),
-        "Invalid request method and/or path: PUT /mmds."
-    );
-    assert_eq!(
-        message("POST", "/actions", r#"{"action_type":"InstanceStart"}"#),
-        "Invalid request method and/or path: POST /actions."
-    );
-    assert_eq!(
-        message("DELETE", "/drives/rootfs", ""),
-        "Invalid request method and/or path: DELETE /drives/rootfs."
-    );
-    // A served path with a method it does not serve.
-    assert_eq!(
-        message("GET", "/boot-source", ""),
-        "Invalid request method and/or path: GET /boot-source."
-    );
-    assert_eq!(
-        message("PATCH", "/boot-source", "{}"),
-        "Invalid request method and/or path: PATCH /boot-source."
-    );
-    assert_eq!(
-        message("GET", "/drives/rootfs", ""),
-        "Invalid request method and/or path: GET /drives/rootfs."
-    );
-    // Extra segments are not ignored.
-    assert_eq!(
-        message("PUT", "/boot-source/extra", r#"{"kernel_image_path":"/k"}"#),
-        "Invalid request method and/or path: PUT /boot-source/extra."
-    );
-    assert_eq!(
-        message("PUT", "/drives/a/b", "{}"),
-        "Invalid request method and/or path: PUT /drives/a/b."
-    );
-    assert_eq!(
-        message("GET", "/vm", ""),
-        "Invalid request method and/or path: GET /vm."
-    );
-    assert_eq!(
-        message("get", "/", ""),
-        "Invalid request method and/or path: get /."
-    );
+    // Firecracker names the resource (the path's first segment) in the message.
+    for (method, path, body, resource) in [
+        ("GET", "/invalid", "", "invalid"),
+        ("PUT", "/mmds", "{}", "mmds"),
+        (
+            "POST",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+            "actions",
+        ),
+        ("DELETE", "/drives/rootfs", "", "drives"),
+        // A served resource with a method it does not serve.
+        ("GET", "/boot-source", "", "boot-source"),
+        ("PATCH", "/boot-source", "{}", "boot-source"),
+        ("GET", "/drives/rootfs", "", "drives"),
+        ("GET", "/vm", "", "vm"),
+        ("GET", "/vm/other", "", "vm"),
+        ("get", "/", "", ""),
+    ] {
+        assert_eq!(
+            message(method, path, body),
+            format!("Invalid request method and/or path: {method} {resource}."),
+            "{method} {path}"
+        );
+    }
     // Firecracker's snapshot, MMDS, CPU config, pmem and hotplug routes are not served.
     for (method, path) in [
         ("PUT", "/snapshot/create"),
         ("PUT", "/snapshot/load"),
-        ("PUT", "/balloon/statistics"),
-        ("GET", "/balloon/hinting"),
         ("GET", "/mmds"),
         ("PUT", "/mmds/config"),
         ("PUT", "/cpu-config"),
@@ -577,6 +554,54 @@ fn unknown_paths_and_methods() {
             RequestError::InvalidPathMethod { .. }
         ));
     }
+}
+
+#[test]
+fn trailing_segments_are_ignored_as_firecracker_does() {
+    // Client libraries send `PUT /vsock/vsock0`; Firecracker serves it as `PUT /vsock`.
+    let vsock = r#"{"guest_cid":3,"uds_path":"/v.sock"}"#;
+    assert_eq!(
+        ok("PUT", "/vsock/vsock0", vsock),
+        ok("PUT", "/vsock", vsock)
+    );
+    let boot = r#"{"kernel_image_path":"/k"}"#;
+    assert_eq!(
+        ok("PUT", "/boot-source/extra", boot),
+        ok("PUT", "/boot-source", boot)
+    );
+    assert_eq!(
+        ok("GET", "/machine-config/x", ""),
+        ApiRequest::GetMachineConfig
+    );
+    assert_eq!(ok("GET", "/version/", ""), ApiRequest::GetVersion);
+    assert_eq!(ok("GET", "/vm/config/x", ""), ApiRequest::GetVmConfig);
+    assert_eq!(ok("PUT", "/entropy/e0", "{}"), ok("PUT", "/entropy", "{}"));
+    // After an id, the rest is ignored too; the id itself is still checked.
+    let drive = r#"{"drive_id":"a","path_on_host":"/a","is_root_device":false}"#;
+    assert_eq!(
+        ok("PUT", "/drives/a/b", drive),
+        ok("PUT", "/drives/a", drive)
+    );
+    assert_eq!(message("PUT", "/drives", drive), "The ID cannot be empty.");
+    assert_eq!(message("PUT", "/drives/", drive), "The ID cannot be empty.");
+    // The balloon's sub-paths: unknown ones get Firecracker's own message.
+    assert_eq!(
+        message("GET", "/balloon/other", ""),
+        "Unrecognized GET request path `other`."
+    );
+    assert_eq!(
+        message("GET", "/balloon/hinting", ""),
+        "Unrecognized GET request path `/hinting/`."
+    );
+    assert_eq!(
+        message("PATCH", "/balloon/hinting/go", ""),
+        "Unrecognized PATCH request path `/hinting/go`."
+    );
+    // A PATCH under /balloon with a body that is not statistics or hinting updates the target.
+    assert_eq!(
+        ok("PATCH", "/balloon/anything", r#"{"amount_mib":4}"#),
+        ApiRequest::PatchBalloon(BalloonUpdate { amount_mib: 4 })
+    );
 }
 
 #[test]
@@ -707,7 +732,7 @@ fn balloon_routes() {
     ));
     assert!(matches!(
         err("PATCH", "/balloon/hinting", ""),
-        RequestError::InvalidPathMethod { .. }
+        RequestError::UnrecognizedPath { .. }
     ));
     assert!(matches!(
         err(
