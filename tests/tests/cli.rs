@@ -484,3 +484,90 @@ fn a_console_path_that_is_a_symlink_is_refused() {
     assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Started under Firecracker's names (a symlink), Kiln is Firecracker's process and jailer:
+/// Firecracker's `--version` line (parsed as Kata's runtime parses it), the flags the jailer and
+/// client libraries pass, and vCPU threads named `fc_vcpu N`.
+#[test]
+fn started_as_firecracker_it_answers_as_firecracker() {
+    let dir = scratch_dir("fc-name");
+    let firecracker = dir.join("firecracker");
+    std::os::unix::fs::symlink(kiln_tests::kiln_bin(), &firecracker).unwrap();
+    let jailer = dir.join("jailer");
+    std::os::unix::fs::symlink(kiln_tests::kiln_bin(), &jailer).unwrap();
+    let version = |program: &std::path::Path| {
+        let out = std::process::Command::new(program)
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = version(&firecracker);
+    let first: Vec<&str> = text.lines().next().unwrap().split(' ').collect();
+    assert_eq!(first[0], "Firecracker", "{text}");
+    let semver: Vec<u32> = first[1]
+        .trim_start_matches('v')
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        semver >= vec![0, 21, 1],
+        "Kata wants at least 0.21.1: {text}"
+    );
+    assert!(text.lines().nth(1).unwrap().starts_with("kiln "), "{text}");
+    assert!(version(&jailer).starts_with("Jailer v"));
+    // `kiln --version` is unchanged.
+    let kiln = version(&kiln_tests::kiln_bin());
+    assert!(kiln.starts_with("kiln "), "{kiln}");
+
+    if !kvm_available() {
+        return;
+    }
+    let kernel = write(&dir, "spin.elf", &tiny_elf(LOAD_ADDR, &[0xeb, 0xfe])); // jmp $
+    let config = format!(
+        r#"{{"boot-source":{{"kernel_image_path":"{kernel}"}},
+            "machine-config":{{"vcpu_count":2,"mem_size_mib":16}}}}"#
+    );
+    let config_path = write(&dir, "vm.json", config.as_bytes());
+    let metrics = dir.join("metrics.json");
+    let sock = dir.join("api.sock");
+    // As the jailer starts it: two seconds ago, 1000 us of the jailer's CPU time.
+    let start_us = vmm::startup_clock::monotonic_us().unwrap() - 2_000_000;
+    let mut cmd = std::process::Command::new(&firecracker);
+    cmd.args([
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--config-file",
+        &config_path,
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+        "--enable-pci",
+        "--start-time-us",
+        &start_us.to_string(),
+        "--start-time-cpu-us",
+        "0",
+        "--parent-cpu-time-us",
+        "1000",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    kiln_tests::die_with_test(&mut cmd);
+    let child = cmd.spawn().expect("spawn firecracker");
+    wait_for_thread(child.id(), "fc_vcpu 0", DEADLINE);
+    wait_for_thread(child.id(), "fc_vcpu 1", DEADLINE);
+    send_signal(&child, "-TERM");
+    let out = wait_with_deadline(child, DEADLINE);
+    assert_eq!(out.code(), 128 + 15, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("--enable-pci: Kiln has no virtio-pci transport"),
+        "{out:?}"
+    );
+    let lines = metrics_lines(&metrics);
+    let api = &lines.last().unwrap()["api_server"];
+    let wall = api["process_startup_time_us"].as_u64().unwrap();
+    let cpu = api["process_startup_time_cpu_us"].as_u64().unwrap();
+    assert!(wall >= 2_000_000, "counted from --start-time-us: {api}");
+    assert!(cpu >= 1000, "the parent's CPU time is added: {api}");
+}

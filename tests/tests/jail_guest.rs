@@ -56,6 +56,8 @@ fn nix_is_root() -> bool {
 /// One jail's names and where its traces would be.
 struct Jail {
     base: PathBuf,
+    /// The exec file's name, which names the jail's directory and pid file.
+    exec: String,
     id: String,
     settings: Vec<CgroupSetting>,
     cgroup_dirs: Vec<PathBuf>,
@@ -85,6 +87,7 @@ impl Jail {
         let cgroup_dirs = plan.dirs.iter().map(|d| d.path.clone()).collect();
         Self {
             base,
+            exec: "kiln".to_string(),
             id,
             settings,
             cgroup_dirs,
@@ -92,7 +95,7 @@ impl Jail {
     }
 
     fn dir(&self) -> PathBuf {
-        self.base.join("kiln").join(&self.id)
+        self.base.join(&self.exec).join(&self.id)
     }
 
     fn root(&self) -> PathBuf {
@@ -137,7 +140,7 @@ impl Jail {
 
     /// The VMM's host pid, from the jail's pid file.
     fn vmm_pid(&self) -> u32 {
-        let file = self.root().join("kiln.pid");
+        let file = self.root().join(format!("{}.pid", self.exec));
         wait_until(Duration::from_secs(30), "the pid file", || file.exists());
         std::fs::read_to_string(&file)
             .expect("pid file")
@@ -179,7 +182,7 @@ impl Drop for Jail {
             }
         }
         // The shared base goes with the last jail of this test run.
-        let _ = std::fs::remove_dir(self.base.join("kiln"));
+        let _ = std::fs::remove_dir(self.base.join(&self.exec));
         let _ = std::fs::remove_dir(&self.base);
     }
 }
@@ -613,6 +616,76 @@ fn jailed_vmm_is_isolated_forwards_sigterm_daemonizes_and_cleans_up() {
     assert!(err.starts_with("kiln jail: --cgroup pids.maximum"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     bogus.assert_gone();
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Kiln installed under Firecracker's names, driven as Kata drives Firecracker's jailer:
+/// `jailer --id ... --exec-file .../firecracker ... -- ARGS`. The VMM is Firecracker's
+/// process: its API at Firecracker's default socket inside the jail, the jailer's start-up
+/// times on its command line and in its metrics.
+#[test]
+fn started_as_jailer_it_jails_firecrackers_process() {
+    if !runnable() {
+        return;
+    }
+    let scratch = kiln_tests::scratch_dir("jailer-name");
+    // Copies, not symlinks: the jailer (Firecracker's too) resolves the exec file's links, and
+    // its name decides the jail's directory and the VMM's name.
+    let jailer = scratch.join("jailer");
+    let firecracker = scratch.join("firecracker");
+    std::fs::copy(kiln_bin(), &jailer).unwrap();
+    std::fs::copy(kiln_bin(), &firecracker).unwrap();
+    let mut jail = Jail::new("fcname", &limits(256 << 20));
+    jail.exec = "firecracker".to_string();
+    let mut cmd = Command::new(&jailer);
+    cmd.args(["--id", &jail.id, "--exec-file"])
+        .arg(&firecracker)
+        .arg("--chroot-base-dir")
+        .arg(&jail.base)
+        .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+        .args(["--parent-cgroup", PARENT_CGROUP]);
+    for s in &jail.settings {
+        cmd.arg("--cgroup").arg(format!("{}={}", s.file, s.value));
+    }
+    // The metrics file is bound in from the host (read-write), so it outlives the jail.
+    let metrics = scratch.join("metrics.json");
+    std::fs::write(&metrics, "").unwrap();
+    std::os::unix::fs::chown(&metrics, Some(UID), Some(GID)).unwrap();
+    cmd.arg("--file").arg(format!("{}:rw", metrics.display()));
+    cmd.args(["--", "--metrics-path", "/metrics.json"]);
+    die_with_test(&mut cmd);
+    let running = Running::spawn(cmd);
+    let pid = jail.vmm_pid();
+    let sock = jail.root().join("run/firecracker.socket");
+    wait_until(Duration::from_secs(30), "the API socket", || sock.exists());
+    let (status, body) = api_call(&sock, "GET", "/", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("\"id\":\"{}\"", jail.id)), "{body}");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert_eq!(argv[0], "/firecracker", "{argv:?}");
+    for flag in [
+        "--start-time-us",
+        "--start-time-cpu-us",
+        "--parent-cpu-time-us",
+    ] {
+        assert!(argv.iter().any(|a| a == flag), "{flag} missing: {argv:?}");
+    }
+    send_signal(&running.child, "-TERM");
+    let (status, _, err) = running.finish(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(143), "{err}");
+    jail.assert_gone();
+    // The metrics written on the way out count the start-up from the jailer's start.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a metrics line")).unwrap();
+    let startup = line["api_server"]["process_startup_time_us"]
+        .as_u64()
+        .unwrap();
+    assert!(startup > 0, "{line}");
     let _ = std::fs::remove_dir_all(&scratch);
 }
 

@@ -16,13 +16,13 @@ use kvm_ioctls::Kvm;
 
 use crate::arch::HostQuirks;
 use crate::builder::{build_microvm, BuildError};
-use crate::machine::{MicroVm, Vmm, VmmEvent};
+use crate::machine::{MicroVm, VmmEvent};
 use crate::metrics::METRICS;
 use crate::resources::{balloon_model, ResourceError, VmResources};
-use crate::vmm_actions::VmmError;
+use crate::vmm_actions::{RunningVm, VmmError};
 
 /// The Firecracker API version Kiln serves (its OpenAPI document's version).
-pub const API_VERSION: &str = "1.17.0";
+pub const API_VERSION: &str = crate::personality::FIRECRACKER_VERSION;
 
 const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
@@ -165,7 +165,7 @@ impl ApiController {
     }
 
     /// Handles a request while the VM runs.
-    pub fn runtime(&mut self, request: ApiRequest, vm: &mut Vmm) -> VmmOutcome {
+    pub fn runtime(&mut self, request: ApiRequest, vm: &mut impl RunningVm) -> VmmOutcome {
         let state = if vm.is_paused() {
             InstanceState::Paused
         } else {
@@ -565,5 +565,217 @@ mod tests {
         );
         assert_eq!(body(&r)["fault_message"], NOT_BEFORE_START);
         assert!(!dir.join("target").exists());
+    }
+
+    /// A running VM without KVM: it records what it was asked and answers as told.
+    #[derive(Default)]
+    struct FakeVm {
+        resources: VmResources,
+        paused: bool,
+        pause_fails: bool,
+        balloon: Option<devices::virtio::balloon::BalloonConfig>,
+        calls: Vec<String>,
+    }
+
+    impl RunningVm for FakeVm {
+        fn resources(&self) -> &VmResources {
+            &self.resources
+        }
+        fn is_paused(&self) -> bool {
+            self.paused
+        }
+        fn pause(&mut self) -> Result<(), VmmError> {
+            if self.pause_fails {
+                return Err(VmmError::Device("vCPU 0 did not stop".into()));
+            }
+            self.paused = true;
+            Ok(())
+        }
+        fn resume(&mut self) {
+            self.paused = false;
+        }
+        fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
+            Ok(())
+        }
+        fn flush_metrics(&self) -> Result<(), VmmError> {
+            Err(VmmError::Internal("the registry is inconsistent".into()))
+        }
+        fn update_drive(
+            &mut self,
+            id: &str,
+            path: Option<&std::path::Path>,
+            limits: Option<&api::models::RateLimiterConfig>,
+        ) -> Result<(), VmmError> {
+            self.calls
+                .push(format!("drive {id} {path:?} {}", limits.is_some()));
+            match id {
+                "rootfs" => Ok(()),
+                _ => Err(VmmError::NoDevice(format!("no drive with id {id}"))),
+            }
+        }
+        fn update_net_rate_limits(
+            &mut self,
+            id: &str,
+            rx: Option<&api::models::RateLimiterConfig>,
+            tx: Option<&api::models::RateLimiterConfig>,
+        ) -> Result<(), VmmError> {
+            self.calls
+                .push(format!("net {id} {} {}", rx.is_some(), tx.is_some()));
+            Ok(())
+        }
+        fn balloon_config(&self) -> Result<devices::virtio::balloon::BalloonConfig, VmmError> {
+            self.balloon
+                .ok_or_else(|| VmmError::NoDevice("No balloon device found.".into()))
+        }
+        fn update_balloon(&mut self, amount_mib: u32) -> Result<(), VmmError> {
+            let balloon = self
+                .balloon
+                .as_mut()
+                .ok_or_else(|| VmmError::NoDevice("No balloon device found.".into()))?;
+            balloon.amount_mib = amount_mib;
+            Ok(())
+        }
+        fn balloon_stats(&self) -> Result<devices::virtio::balloon::BalloonStats, VmmError> {
+            Err(VmmError::Device("Statistics are not enabled.".into()))
+        }
+        fn update_balloon_stats_interval(&mut self, _: u16) -> Result<(), VmmError> {
+            Ok(())
+        }
+        fn start_balloon_hinting(&self, _: bool) -> Result<(), VmmError> {
+            Ok(())
+        }
+        fn balloon_hinting_status(
+            &self,
+        ) -> Result<devices::virtio::balloon::HintingStatus, VmmError> {
+            Err(VmmError::NoDevice("No balloon device found.".into()))
+        }
+        fn stop_balloon_hinting(&self) -> Result<(), VmmError> {
+            Ok(())
+        }
+    }
+
+    /// The runtime controller's answer as the API would send it.
+    fn run(
+        c: &mut ApiController,
+        vm: &mut FakeVm,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> HttpResponse {
+        to_response(&c.runtime(parse_request(method, path, body.as_bytes()).unwrap(), vm))
+    }
+
+    #[test]
+    fn runtime_answers_from_the_running_vm_and_refuses_pre_boot_requests() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let mut vm = FakeVm::default();
+        vm.resources.machine_config.vcpu_count = 3;
+        let info = run(&mut c, &mut vm, "GET", "/", "");
+        assert_eq!(body(&info)["state"], "Running");
+        // GET /vm/config describes the running VM, not the controller's pre-boot copy.
+        let config = body(&run(&mut c, &mut vm, "GET", "/vm/config", ""));
+        assert_eq!(config["machine-config"]["vcpu_count"], 3);
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path":"/k"}"#,
+        );
+        assert_eq!(r.status(), 400);
+        assert_eq!(body(&r)["fault_message"], NOT_AFTER_START);
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert_eq!(body(&r)["fault_message"], "The microVM is already running.");
+
+        assert_eq!(
+            run(&mut c, &mut vm, "PATCH", "/vm", r#"{"state":"Paused"}"#).status(),
+            204
+        );
+        assert_eq!(
+            body(&run(&mut c, &mut vm, "GET", "/", ""))["state"],
+            "Paused"
+        );
+        assert_eq!(
+            run(&mut c, &mut vm, "PATCH", "/vm", r#"{"state":"Resumed"}"#).status(),
+            204
+        );
+        assert!(!vm.paused);
+        vm.pause_fails = true;
+        let r = run(&mut c, &mut vm, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            body(&r)["fault_message"],
+            "Failed to pause the microVM: vCPU 0 did not stop"
+        );
+        // A Kiln bug is an internal error, not the client's fault.
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"FlushMetrics"}"#,
+        );
+        assert_eq!(r.status(), 500, "{:?}", r.body());
+    }
+
+    #[test]
+    fn runtime_patches_reach_the_vm_as_given() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        let mut vm = FakeVm::default();
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PATCH",
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/new.img"}"#,
+        );
+        assert_eq!(r.status(), 204);
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PATCH",
+            "/drives/other",
+            r#"{"drive_id":"other","rate_limiter":{"ops":{"size":1,"refill_time":100}}}"#,
+        );
+        assert_eq!(
+            body(&r)["fault_message"],
+            "Unable to patch the block device: no drive with id other"
+        );
+        let r = run(
+            &mut c,
+            &mut vm,
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":1,"refill_time":100}}}"#,
+        );
+        assert_eq!(r.status(), 204);
+        assert_eq!(
+            vm.calls,
+            [
+                r#"drive rootfs Some("/new.img") false"#,
+                "drive other None true",
+                "net eth0 false true"
+            ]
+        );
+        // The balloon: absent, then present.
+        let r = run(&mut c, &mut vm, "GET", "/balloon", "");
+        assert_eq!(body(&r)["fault_message"], "No balloon device found.");
+        vm.balloon = Some(devices::virtio::balloon::BalloonConfig::default());
+        assert_eq!(
+            run(&mut c, &mut vm, "PATCH", "/balloon", r#"{"amount_mib":9}"#).status(),
+            204
+        );
+        assert_eq!(
+            body(&run(&mut c, &mut vm, "GET", "/balloon", ""))["amount_mib"],
+            9
+        );
+        let r = run(&mut c, &mut vm, "GET", "/balloon/statistics", "");
+        assert_eq!(body(&r)["fault_message"], "Statistics are not enabled.");
     }
 }

@@ -9,6 +9,7 @@ use crate::arch::MAX_VCPUS;
 use crate::config::{ConfigError, ConsoleConfig, SerialConfig};
 use crate::device_config::{parse_balloon, DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::guest_images::GuestImages;
+use crate::personality::Personality;
 use crate::resources::VmResources;
 use crate::seccomp::SeccompFilters;
 use devices::virtio::balloon::BalloonConfig;
@@ -31,13 +32,10 @@ pub struct Cli {
 /// Firecracker's process flags.
 #[derive(Debug, Args, Clone, PartialEq, Eq)]
 pub struct ProcessArgs {
-    /// Path of the API's Unix socket (created 0600, removed on exit).
-    #[arg(
-        long = "api-sock",
-        value_name = "PATH",
-        default_value = "/run/kiln.socket"
-    )]
-    pub api_sock: PathBuf,
+    /// Path of the API's Unix socket (created 0600, removed on exit) [default:
+    /// /run/kiln.socket, or /run/firecracker.socket when started as `firecracker`].
+    #[arg(long = "api-sock", value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// The microVM's id, reported by GET /.
     #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
     pub id: String,
@@ -54,12 +52,51 @@ pub struct ProcessArgs {
         default_value_t = 51200
     )]
     pub max_payload: usize,
+    /// When the process was started, as Firecracker's jailer passes it: CLOCK_MONOTONIC in
+    /// microseconds. `api_server.process_startup_time_us` then counts from it.
+    #[arg(long = "start-time-us", value_name = "MICROS")]
+    pub start_time_us: Option<u64>,
+    /// The process's CPU time when it was started (CLOCK_PROCESS_CPUTIME_ID, microseconds), as
+    /// the jailer passes it: `api_server.process_startup_time_cpu_us` counts from it.
+    #[arg(long = "start-time-cpu-us", value_name = "MICROS")]
+    pub start_time_cpu_us: Option<u64>,
+    /// CPU time the parent (the jailer) spent before starting the process, in microseconds;
+    /// added to `api_server.process_startup_time_cpu_us`.
+    #[arg(long = "parent-cpu-time-us", value_name = "MICROS")]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Firecracker's switch to virtio-pci. Kiln has only the virtio-mmio transport: it says so
+    /// in one warning and boots with every device on virtio-mmio, where the guest finds them
+    /// through the command line as before.
+    #[arg(long = "enable-pci")]
+    pub enable_pci: bool,
     /// Logging, metrics and the boot timer.
     #[command(flatten)]
     pub observability: ObservabilityArgs,
     /// seccomp filters.
     #[command(flatten)]
     pub seccomp: SeccompArgs,
+}
+
+impl ProcessArgs {
+    /// The API socket: `--api-sock`, or the personality's default.
+    pub fn api_sock(&self, personality: Personality) -> PathBuf {
+        self.api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(personality.default_api_sock()))
+    }
+}
+
+/// Firecracker's jailer, as Kiln runs it when started under the name `jailer`: `kiln jail`'s
+/// flags, which are the jailer's.
+#[derive(Debug, Parser)]
+#[command(
+    name = "jailer",
+    about = "Firecracker's jailer, as Kiln runs it (kiln jail)"
+)]
+pub struct JailerCli {
+    /// The jailer's flags.
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 /// Firecracker's seccomp flags (both modes take them).
@@ -302,11 +339,58 @@ mod tests {
         let cli =
             Cli::try_parse_from(["kiln", "--api-sock", "/tmp/a.sock", "--id", "vm7"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.process.api_sock, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(
+            cli.process.api_sock(Personality::Firecracker),
+            PathBuf::from("/tmp/a.sock")
+        );
         assert_eq!(cli.process.id, "vm7");
         assert_eq!(cli.process.max_payload, 51200);
         let defaults = Cli::try_parse_from(["kiln"]).unwrap();
-        assert_eq!(defaults.process.api_sock, PathBuf::from("/run/kiln.socket"));
+        assert_eq!(
+            defaults.process.api_sock(Personality::Kiln),
+            PathBuf::from("/run/kiln.socket")
+        );
+        assert_eq!(
+            defaults.process.api_sock(Personality::Firecracker),
+            PathBuf::from("/run/firecracker.socket")
+        );
+        // The flags Firecracker's jailer and client libraries pass.
+        let jailed = Cli::try_parse_from([
+            "firecracker",
+            "--id",
+            "vm1",
+            "--start-time-us",
+            "123",
+            "--start-time-cpu-us",
+            "4",
+            "--parent-cpu-time-us",
+            "5",
+            "--enable-pci",
+        ])
+        .unwrap();
+        let p = jailed.process;
+        assert_eq!(
+            (p.start_time_us, p.start_time_cpu_us, p.parent_cpu_time_us),
+            (Some(123), Some(4), Some(5))
+        );
+        assert!(p.enable_pci);
+        let jailer = JailerCli::try_parse_from([
+            "jailer",
+            "--id",
+            "vm1",
+            "--exec-file",
+            "/usr/bin/firecracker",
+            "--uid",
+            "1000",
+            "--gid",
+            "1000",
+            "--",
+            "--config-file",
+            "vm.json",
+        ])
+        .unwrap();
+        assert_eq!(jailer.jail.id, "vm1");
+        assert_eq!(jailer.jail.exec_args.len(), 2);
         let err = Cli::try_parse_from(["kiln", "--no-api"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(Cli::try_parse_from(["kiln", "--api-sock", "/x", "run"]).is_err());

@@ -24,8 +24,10 @@ pub mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod output_file;
+pub mod personality;
 pub mod resources;
 pub mod seccomp;
+pub mod startup_clock;
 pub mod vmm_actions;
 pub mod vstate;
 

@@ -1,6 +1,6 @@
 //! A built microVM and its control loop.
 //!
-//! Threads: one per vCPU (`kiln_vcpu N`), the device event loop (`kiln_vmm`), one waiting on the
+//! Threads: one per vCPU (`kiln_vcpu N`, or Firecracker's `fc_vcpu N` under its name), the device event loop (`kiln_vmm`), one waiting on the
 //! legacy reset device's eventfd, one turning signals into events, one feeding stdin to the
 //! serial console. They all report to the control loop in [`MicroVm::run`] over one channel; the
 //! control loop alone decides when the VM ends.
@@ -26,6 +26,7 @@ use api::routes::ApiRequest;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
+use crate::personality::Personality;
 use crate::resources::VmResources;
 use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind, PROCESS_SIGNALS};
 use crate::vstate::vcpu::{StuckDetector, Vcpu, VcpuError, VcpuRequests, VcpuStop};
@@ -438,7 +439,7 @@ fn spawn_vcpu(
     let thread_requests = requests.clone();
     let index = vcpu.index();
     let thread = spawn_filtered(
-        &format!("kiln_vcpu {index}"),
+        &Personality::current().vcpu_thread_name(index),
         filters,
         ThreadKind::Vcpu,
         move || {

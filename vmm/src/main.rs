@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
@@ -16,16 +16,17 @@ use api::http::{
 use api::outcome::{to_response, VmmActionError};
 use api::routes::parse_request;
 use clap::Parser;
-use devices::legacy::process_cpu_time;
 use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
 use vmm::arch::HostQuirks;
-use vmm::cli::{Cli, Command, ObservabilityArgs, ProcessArgs, RunArgs};
+use vmm::cli::{Cli, Command, JailerCli, ObservabilityArgs, ProcessArgs, RunArgs};
 use vmm::config::ConsoleConfig;
 use vmm::guest_images::default_guest;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::metrics::METRICS;
+use vmm::personality::Personality;
 use vmm::resources::VmResources;
 use vmm::seccomp::{spawn_filtered, SeccompFilters, ThreadKind};
+use vmm::startup_clock::StartupClock;
 use vmm::vstate::vm;
 
 const EXIT_FAILURE: u8 = 1;
@@ -34,12 +35,6 @@ const EXIT_BAD_INPUT: u8 = 2;
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     log::error!("{message}");
     ExitCode::from(code)
-}
-
-/// When Kiln started, for `api_server.process_startup_time_us`.
-struct Startup {
-    wall: Instant,
-    cpu: Option<Duration>,
 }
 
 /// `kiln run`: the flags become resources, and the controller starts them as it would the
@@ -144,7 +139,24 @@ fn answer(tx: &Sender<VmmEvent>, request: &HttpRequest) -> HttpResponse {
 }
 
 /// Firecracker's process mode: serve the API and/or boot from a config file.
-fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) -> ExitCode {
+fn serve(
+    args: ProcessArgs,
+    personality: Personality,
+    startup: StartupClock,
+    filters: &Arc<SeccompFilters>,
+) -> ExitCode {
+    if args.enable_pci {
+        log::warn!(
+            "--enable-pci: Kiln has no virtio-pci transport; every device stays on virtio-mmio, \
+             announced on the guest's command line"
+        );
+    }
+    let startup = startup.with_launcher_times(
+        args.start_time_us,
+        args.start_time_cpu_us,
+        args.parent_cpu_time_us,
+    );
+    let api_sock = args.api_sock(personality);
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
@@ -176,11 +188,11 @@ fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) ->
     let server = if args.no_api {
         None
     } else {
-        let listener = match bind_api_socket(&args.api_sock) {
+        let listener = match bind_api_socket(&api_sock) {
             Ok(listener) => listener,
             Err(e) => return fail(EXIT_BAD_INPUT, format!("API socket: {e}")),
         };
-        let guard = SocketGuard::new(&args.api_sock);
+        let guard = SocketGuard::new(&api_sock);
         let config = ServerConfig {
             max_payload: args.max_payload,
             ..ServerConfig::default()
@@ -196,11 +208,8 @@ fn serve(args: ProcessArgs, startup: &Startup, filters: &Arc<SeccompFilters>) ->
         }
     };
     if server.is_some() {
-        let cpu = startup
-            .cpu
-            .zip(process_cpu_time())
-            .map(|(start, now)| now.saturating_sub(start));
-        METRICS.api_started(startup.wall.elapsed(), cpu);
+        let (wall, cpu) = startup.elapsed();
+        METRICS.api_started(wall.unwrap_or_default(), cpu);
     }
     let resources = VmResources {
         boot_timer: args.observability.boot_timer,
@@ -264,22 +273,35 @@ fn configure_observability(args: &ObservabilityArgs) -> Result<(), String> {
 /// The two ways Kiln runs a VM (`kiln jail` only wraps one of them).
 enum Mode {
     /// `kiln run`: boot from flags until the guest reboots.
-    Run(Box<RunArgs>),
+    Run(RunArgs),
     /// Firecracker's process mode: serve the API.
     Process(ProcessArgs),
 }
 
 fn main() -> ExitCode {
     vmm::seccomp::keep_allocator_within_filters();
-    let startup = Startup {
-        wall: Instant::now(),
-        cpu: process_cpu_time(),
-    };
+    let startup = StartupClock::now();
+    let program = std::env::args_os().next().unwrap_or_default();
+    let personality = Personality::from_program_name(&program);
+    personality.install();
+    // Under Firecracker's names `--version` is Firecracker's (Kata parses its first line).
+    if let Some(text) = personality.version_text() {
+        if std::env::args()
+            .skip(1)
+            .any(|a| a == "--version" || a == "-V")
+        {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+    }
+    if personality == Personality::Jailer {
+        return vmm::jail::main(JailerCli::parse().jail);
+    }
     let cli = Cli::parse();
     let mode = match cli.command {
         // Before the logger, metrics and seccomp: the jailer must start single-threaded.
         Some(Command::Jail(args)) => return vmm::jail::main(args),
-        Some(Command::Run(args)) => Mode::Run(Box::new(args)),
+        Some(Command::Run(args)) => Mode::Run(args),
         None => Mode::Process(cli.process),
     };
     // The only possible failure is another logger installed first, and nothing else installs one.
@@ -297,8 +319,8 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
     let status = match mode {
-        Mode::Run(args) => run(*args, &filters),
-        Mode::Process(args) => serve(args, &startup, &filters),
+        Mode::Run(args) => run(args, &filters),
+        Mode::Process(args) => serve(args, personality, startup, &filters),
     };
     // Firecracker writes the metrics one last time on its way out (a VM's run wrote it with
     // its devices already).

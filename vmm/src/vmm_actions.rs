@@ -1,7 +1,9 @@
-//! What a running microVM is asked to do, as methods of [`Vmm`]: Ctrl+Alt+Del, a drive's new
-//! backing file or rate limits, an interface's rate limits, the balloon's target, statistics and
-//! hinting, a metrics flush. Each finds its device in the registry and answers with a
-//! [`VmmError`]; nothing here knows of HTTP or of the API's bodies.
+//! What a running microVM is asked to do: the [`RunningVm`] trait (pause and resume,
+//! Ctrl+Alt+Del, a drive's new backing file or rate limits, an interface's rate limits, the
+//! balloon's target, statistics and hinting, a metrics flush) and its implementation for
+//! [`Vmm`], where each action finds its device in the registry and answers with a [`VmmError`].
+//! Nothing here knows of HTTP or of the API's bodies. The controller's runtime phase asks only
+//! this trait, so its unit tests run against a double, without KVM.
 
 use std::path::Path;
 
@@ -14,6 +16,7 @@ use devices::virtio::net::Net;
 use crate::device_manager::{DeviceKind, RegistryError, BALLOON_ID};
 use crate::machine::Vmm;
 use crate::metrics::{MetricsError, METRICS};
+use crate::resources::VmResources;
 
 /// Why a runtime action failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +54,84 @@ impl From<BalloonError> for VmmError {
     }
 }
 
+/// What a running VM is asked to do, each action answered with a [`VmmError`].
+pub trait RunningVm {
+    /// The VM's description as it stands (runtime changes included).
+    fn resources(&self) -> &VmResources;
+    /// True while the vCPUs are paused.
+    fn is_paused(&self) -> bool;
+    /// Stops every vCPU (the guest's clock stands still).
+    fn pause(&mut self) -> Result<(), VmmError>;
+    /// Lets the vCPUs run again.
+    fn resume(&mut self);
+    /// Sends the guest Ctrl+Alt+Del.
+    fn send_ctrl_alt_del(&self) -> Result<(), VmmError>;
+    /// Writes a metrics line now.
+    fn flush_metrics(&self) -> Result<(), VmmError>;
+    /// A drive's new backing file and/or rate limits (Firecracker's PATCH: buckets left out
+    /// keep their settings).
+    fn update_drive(
+        &mut self,
+        id: &str,
+        path: Option<&Path>,
+        limits: Option<&RateLimiterConfig>,
+    ) -> Result<(), VmmError>;
+    /// An interface's new receive and/or transmit rate limits (PATCH semantics as above).
+    fn update_net_rate_limits(
+        &mut self,
+        id: &str,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), VmmError>;
+    /// The balloon's settings as they stand.
+    fn balloon_config(&self) -> Result<BalloonConfig, VmmError>;
+    /// The balloon's new target.
+    fn update_balloon(&mut self, amount_mib: u32) -> Result<(), VmmError>;
+    /// The guest's last memory statistics.
+    fn balloon_stats(&self) -> Result<BalloonStats, VmmError>;
+    /// A new statistics polling interval.
+    fn update_balloon_stats_interval(&mut self, seconds: u16) -> Result<(), VmmError>;
+    /// Starts a free page hinting run.
+    fn start_balloon_hinting(&self, acknowledge_on_stop: bool) -> Result<(), VmmError>;
+    /// The hinting run's last host and guest commands.
+    fn balloon_hinting_status(&self) -> Result<HintingStatus, VmmError>;
+    /// Ends the hinting run.
+    fn stop_balloon_hinting(&self) -> Result<(), VmmError>;
+}
+
 impl Vmm {
+    /// Runs `f` on the balloon and its transport.
+    fn with_balloon<R>(
+        &self,
+        f: impl FnOnce(&mut Balloon, &mut MmioTransport) -> Result<R, BalloonError>,
+    ) -> Result<R, VmmError> {
+        Ok(self.devices().registry.with_device::<Balloon, _>(
+            DeviceKind::Balloon,
+            BALLOON_ID,
+            f,
+        )??)
+    }
+}
+
+impl RunningVm for Vmm {
+    fn resources(&self) -> &VmResources {
+        Vmm::resources(self)
+    }
+
+    fn is_paused(&self) -> bool {
+        Vmm::is_paused(self)
+    }
+
+    fn pause(&mut self) -> Result<(), VmmError> {
+        Vmm::pause(self).map_err(|e| VmmError::Device(e.to_string()))
+    }
+
+    fn resume(&mut self) {
+        Vmm::resume(self)
+    }
+
     /// Sends the guest Ctrl+Alt+Del through its legacy devices.
-    pub fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
+    fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
         self.devices()
             .legacy
             .send_ctrl_alt_del()
@@ -63,7 +141,7 @@ impl Vmm {
     /// Writes a metrics line now, with every device's counters. Without a metrics output there
     /// is nothing to flush, and that is not an error (Firecracker's clients flush on a timer
     /// whether or not metrics were set up).
-    pub fn flush_metrics(&self) -> Result<(), VmmError> {
+    fn flush_metrics(&self) -> Result<(), VmmError> {
         match METRICS.flush(&self.devices().registry.metric_groups()) {
             Ok(()) | Err(MetricsError::NotConfigured) => Ok(()),
             Err(e) => Err(e.into()),
@@ -73,7 +151,7 @@ impl Vmm {
     /// Gives drive `id` the image at `path` (the guest is told its capacity may have changed)
     /// and/or new rate limits: `limits` is Firecracker's PATCH, whose buckets left out keep
     /// their settings. The VM's description changes only once the device took the change.
-    pub fn update_drive(
+    fn update_drive(
         &mut self,
         id: &str,
         path: Option<&Path>,
@@ -117,7 +195,7 @@ impl Vmm {
 
     /// Gives network interface `id` new receive and/or transmit rate limits (Firecracker's
     /// PATCH: buckets left out keep their settings).
-    pub fn update_net_rate_limits(
+    fn update_net_rate_limits(
         &mut self,
         id: &str,
         rx: Option<&RateLimiterConfig>,
@@ -148,26 +226,14 @@ impl Vmm {
         Ok(())
     }
 
-    /// Runs `f` on the balloon and its transport.
-    fn with_balloon<R>(
-        &self,
-        f: impl FnOnce(&mut Balloon, &mut MmioTransport) -> Result<R, BalloonError>,
-    ) -> Result<R, VmmError> {
-        Ok(self.devices().registry.with_device::<Balloon, _>(
-            DeviceKind::Balloon,
-            BALLOON_ID,
-            f,
-        )??)
-    }
-
     /// The balloon's settings as they stand (its target included).
-    pub fn balloon_config(&self) -> Result<BalloonConfig, VmmError> {
+    fn balloon_config(&self) -> Result<BalloonConfig, VmmError> {
         self.with_balloon(|balloon, _| Ok(balloon.config()))
     }
 
     /// Sets the balloon's target (at most the guest's memory); the guest hears of it through a
     /// config-change interrupt.
-    pub fn update_balloon(&mut self, amount_mib: u32) -> Result<(), VmmError> {
+    fn update_balloon(&mut self, amount_mib: u32) -> Result<(), VmmError> {
         self.resources()
             .check_balloon_size(amount_mib)
             .map_err(|e| VmmError::Device(e.to_string()))?;
@@ -183,13 +249,13 @@ impl Vmm {
     }
 
     /// The guest's last memory statistics, with the balloon's target and actual sizes.
-    pub fn balloon_stats(&self) -> Result<BalloonStats, VmmError> {
+    fn balloon_stats(&self) -> Result<BalloonStats, VmmError> {
         self.with_balloon(|balloon, _| balloon.stats())
     }
 
     /// A new statistics polling interval (statistics cannot be switched on or off once the
     /// guest has the device).
-    pub fn update_balloon_stats_interval(&mut self, seconds: u16) -> Result<(), VmmError> {
+    fn update_balloon_stats_interval(&mut self, seconds: u16) -> Result<(), VmmError> {
         self.with_balloon(|balloon, _| balloon.set_stats_interval(seconds))?;
         if let Some(stored) = self.resources_mut().balloon.as_mut() {
             stored.stats_polling_interval_s = seconds;
@@ -199,7 +265,7 @@ impl Vmm {
 
     /// Starts a free page hinting run; with `acknowledge_on_stop` the VMM ends it itself when
     /// the guest says it is done.
-    pub fn start_balloon_hinting(&self, acknowledge_on_stop: bool) -> Result<(), VmmError> {
+    fn start_balloon_hinting(&self, acknowledge_on_stop: bool) -> Result<(), VmmError> {
         self.with_balloon(|balloon, transport| {
             balloon.start_hinting(acknowledge_on_stop)?;
             transport.config_changed();
@@ -208,12 +274,12 @@ impl Vmm {
     }
 
     /// The hinting run's last host and guest commands.
-    pub fn balloon_hinting_status(&self) -> Result<HintingStatus, VmmError> {
+    fn balloon_hinting_status(&self) -> Result<HintingStatus, VmmError> {
         self.with_balloon(|balloon, _| balloon.hinting_status())
     }
 
     /// Ends the hinting run.
-    pub fn stop_balloon_hinting(&self) -> Result<(), VmmError> {
+    fn stop_balloon_hinting(&self) -> Result<(), VmmError> {
         self.with_balloon(|balloon, transport| {
             balloon.stop_hinting()?;
             transport.config_changed();

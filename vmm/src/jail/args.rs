@@ -208,6 +208,18 @@ pub struct JailConfig {
     pub exec_args: Vec<OsString>,
 }
 
+/// The start-up times the jailer hands the VMM, as Firecracker's jailer does, so that the
+/// VMM's start-up metrics include the jail's set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchTimes {
+    /// When the jailer started, CLOCK_MONOTONIC in microseconds (`--start-time-us`).
+    pub start_time_us: u64,
+    /// The CPU time the jailer spent before starting the VMM's process
+    /// (`--parent-cpu-time-us`). The VMM's own process counts from zero (`--start-time-cpu-us
+    /// 0`): a forked process's CPU clock starts there, and covers the jail's set-up in it.
+    pub parent_cpu_us: u64,
+}
+
 /// Names the jailer itself puts in the jail root, besides the exec file and its pid file.
 const RESERVED: [&str; 6] = ["dev", "run", "lib", "lib64", "usr", "sys"];
 
@@ -346,8 +358,10 @@ impl JailConfig {
 
     /// The VMM's argv: `/<exec-file-name>`, `--id <id>` as Firecracker's jailer passes it (only
     /// when the VMM runs in its process mode, i.e. the arguments do not start with a
-    /// subcommand, and do not set `--id` themselves), then the arguments after `--`.
-    pub fn vmm_argv(&self) -> Vec<OsString> {
+    /// subcommand, and do not set `--id` themselves) and, in process mode, the `launch` times
+    /// as `--start-time-us`, `--start-time-cpu-us` and `--parent-cpu-time-us` (unless the
+    /// arguments set them); then the arguments after `--`.
+    pub fn vmm_argv(&self, launch: Option<LaunchTimes>) -> Vec<OsString> {
         let mut argv = vec![OsString::from(format!("/{}", self.exec_name))];
         let process_mode = self
             .exec_args
@@ -360,6 +374,20 @@ impl JailConfig {
         if process_mode && !has_id {
             argv.push("--id".into());
             argv.push(self.id.clone().into());
+        }
+        let has_times = self
+            .exec_args
+            .iter()
+            .any(|a| a.to_string_lossy().starts_with("--start-time-us"));
+        if let Some(times) = launch.filter(|_| process_mode && !has_times) {
+            for (flag, value) in [
+                ("--start-time-us", times.start_time_us),
+                ("--start-time-cpu-us", 0),
+                ("--parent-cpu-time-us", times.parent_cpu_us),
+            ] {
+                argv.push(flag.into());
+                argv.push(value.to_string().into());
+            }
         }
         argv.extend(self.exec_args.iter().cloned());
         argv
@@ -480,7 +508,7 @@ mod tests {
         assert_eq!(config.files.len(), 1);
         assert_eq!(config.files[0].name, "hostname");
         assert!(config.files[0].writable && !config.files[0].is_dir);
-        let argv = config.vmm_argv();
+        let argv = config.vmm_argv(None);
         let expected: Vec<OsString> = [
             format!("/{}", config.exec_name).as_str(),
             "--id",
@@ -497,13 +525,41 @@ mod tests {
     #[test]
     fn id_is_not_added_for_subcommands_or_when_given() {
         let run = parse_base(&["--", "run", "--kernel", "/vmlinux"]).unwrap();
-        let argv = run.validate().unwrap().vmm_argv();
+        let times = Some(LaunchTimes {
+            start_time_us: 12,
+            parent_cpu_us: 3,
+        });
+        let argv = run.validate().unwrap().vmm_argv(times);
         assert_eq!(argv[1], "run");
+        assert_eq!(
+            argv.len(),
+            4,
+            "no process flags before a subcommand: {argv:?}"
+        );
         let own = parse_base(&["--", "--id", "other"]).unwrap();
-        let argv = own.validate().unwrap().vmm_argv();
+        let argv = own.validate().unwrap().vmm_argv(None);
         assert_eq!(&argv[1..], &[OsString::from("--id"), "other".into()]);
-        let none = parse_base(&[]).unwrap().validate().unwrap().vmm_argv();
+        let none = parse_base(&[]).unwrap().validate().unwrap().vmm_argv(None);
         assert_eq!(&none[1..], &[OsString::from("--id"), "vm-1".into()]);
+        // Firecracker's jailer passes its start-up times to a VMM in process mode.
+        let timed = parse_base(&["--", "--api-sock", "/a"]).unwrap();
+        let argv = timed.validate().unwrap().vmm_argv(times);
+        let expected: Vec<OsString> = [
+            "--id",
+            "vm-1",
+            "--start-time-us",
+            "12",
+            "--start-time-cpu-us",
+            "0",
+            "--parent-cpu-time-us",
+            "3",
+            "--api-sock",
+            "/a",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(&argv[1..], &expected[..]);
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub fn main(args: JailArgs) -> ExitCode {
 }
 
 fn run(args: JailArgs) -> Result<ExitCode, JailError> {
+    let started_us = crate::startup_clock::monotonic_us();
     let config = args.validate()?;
     if !nix::unistd::geteuid().is_root() {
         return Err(JailError::NotRoot);
@@ -137,7 +138,11 @@ fn run(args: JailArgs) -> Result<ExitCode, JailError> {
             return Err(e.into());
         }
     };
-    let jail = Jail { dir, cgroups };
+    let jail = Jail {
+        dir,
+        cgroups,
+        started_us,
+    };
     let report = if config.daemonize {
         match supervisor::daemonize() {
             Ok(report) => Some(report),

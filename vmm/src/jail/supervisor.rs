@@ -18,11 +18,12 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, setsid, ForkResult, Pid};
 
-use super::args::JailConfig;
+use super::args::{JailConfig, LaunchTimes};
 use super::cgroup::Cgroups;
 use super::child::{enter_and_exec, Bind, ChildPlan};
 use super::jail_dir::JailDir;
 use super::JailError;
+use crate::startup_clock::process_cpu_us;
 
 /// The signals the supervisor passes on to the VMM.
 const FORWARDED: [Signal; 4] = [
@@ -53,6 +54,8 @@ pub struct Jail {
     pub dir: JailDir,
     /// The jail's cgroup directories.
     pub cgroups: Cgroups,
+    /// When the jailer started (CLOCK_MONOTONIC, microseconds), for the VMM's start-up metrics.
+    pub started_us: Option<u64>,
 }
 
 impl Jail {
@@ -122,13 +125,21 @@ pub fn supervise(
     }
 }
 
-fn child_plan(config: &JailConfig, jail: &Jail) -> Result<ChildPlan, JailError> {
+fn child_plan(
+    config: &JailConfig,
+    jail: &Jail,
+    started_us: Option<u64>,
+) -> Result<ChildPlan, JailError> {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes)
             .map_err(|_| JailError::NulInArgument(String::from_utf8_lossy(bytes).into()))
     };
+    let launch = started_us.map(|start_time_us| LaunchTimes {
+        start_time_us,
+        parent_cpu_us: process_cpu_us().unwrap_or(0),
+    });
     let argv = config
-        .vmm_argv()
+        .vmm_argv(launch)
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
@@ -160,7 +171,7 @@ fn run_vmm(config: &JailConfig, jail: &Jail, report: Option<File>) -> Result<Exi
             let _ = report.write_all(message.as_bytes());
         }
     };
-    let plan = child_plan(config, jail)?;
+    let plan = child_plan(config, jail, jail.started_us)?;
     // The next child is PID 1 of a new PID namespace.
     unshare(CloneFlags::CLONE_NEWPID).map_err(JailError::sys("unshare(CLONE_NEWPID)"))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(JailError::sys("pipe2"))?;
