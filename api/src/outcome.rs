@@ -29,6 +29,8 @@ pub enum VmmData {
     BalloonStats(Box<BalloonStats>),
     /// `GET /balloon/hinting/status`.
     BalloonHintingStatus(HintingStatus),
+    /// `GET /mmds`: the document (`{}` when empty).
+    MmdsValue(serde_json::Value),
 }
 
 /// Why a request was not carried out. The message is the client's `fault_message`.
@@ -47,6 +49,9 @@ pub enum VmmActionError {
     /// A bug in Kiln, not in the request (HTTP 500).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The MMDS document would outgrow its size limit (HTTP 413, as Firecracker).
+    #[error("{0}")]
+    PayloadTooLarge(String),
 }
 
 impl VmmActionError {
@@ -62,6 +67,7 @@ impl VmmActionError {
             VmmActionError::ShuttingDown => 503,
             VmmActionError::TimedOut => 504,
             VmmActionError::Internal(_) => 500,
+            VmmActionError::PayloadTooLarge(_) => 413,
         }
     }
 }
@@ -87,6 +93,7 @@ pub fn to_response(outcome: &VmmOutcome) -> HttpResponse {
         Ok(VmmData::BalloonConfig(config)) => json(config),
         Ok(VmmData::BalloonStats(stats)) => json(stats),
         Ok(VmmData::BalloonHintingStatus(status)) => json(status),
+        Ok(VmmData::MmdsValue(value)) => json(value),
         Err(e) => HttpResponse::fault(e.status(), &e.to_string()),
     }
 }

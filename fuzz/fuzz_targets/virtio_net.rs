@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::rate_limiter::RateLimiterConfig;
+use devices::mmds::{MmdsStack, MmdsStackConfig, MmdsStore};
 use devices::virtio::net::{Net, NetBackend, NetDeviceConfig};
 use kiln_fuzz::{run_event_loop, Guest, Input};
 use libfuzzer_sys::fuzz_target;
@@ -74,6 +75,11 @@ fuzz_target!(|data: &[u8]| {
         mtu: None,
         rx_rate_limiter: RateLimiterConfig::default(),
         tx_rate_limiter: RateLimiterConfig::default(),
+        // MMDS on: guest frames to its address take the stack's path instead of the TAP's.
+        mmds: Some(MmdsStack::new(MmdsStackConfig {
+            ipv4: std::net::Ipv4Addr::new(169, 254, 169, 254),
+            store: MmdsStore::shared(1024),
+        })),
     };
     let mut net = Net::new(config).expect("net device");
     let Some(guest) = Guest::read(input, &net) else {

@@ -8,8 +8,13 @@
 //!    the configured MAC and pings the TAP, the placeholder gets its real backing file by PATCH
 //!    and the guest sees the new capacity and contents, the VM is paused and resumed, and
 //!    SendCtrlAltDel ends it.
+//!    MMDS version 2 on eth0: the guest gets a session token (`PUT /latest/api/token` with
+//!    busybox `nc`), is refused without it or with a wrong one, reads its metadata with busybox
+//!    `wget`, and sees a `PATCH /mmds` made while it runs; its other traffic (the ping) still
+//!    reaches the TAP.
 //! 2. The same VM from `--config-file` (the `GET /vm/config` document read before boot 1's
-//!    InstanceStart) with `--no-api`: vsock both ways and eth0 again, then the guest reboots.
+//!    InstanceStart, switched to MMDS version 1) with `--no-api` and `--metadata`: vsock both
+//!    ways, eth0 and MMDS again (plain `wget`, no token), then the guest reboots.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -36,6 +41,8 @@ const AGENT_PORT: u32 = 1024;
 /// Host port the second boot's guest connects to when the host is done with it.
 const DONE_PORT: u32 = 7000;
 const TOOL: &str = "kiln-vsock";
+/// MMDS's default address.
+const MMDS_IP: &str = "169.254.169.254";
 
 /// Copies the vsock tool off its raw drive, starts its server, brings eth0 up and reports it.
 fn common_script(tool_len: usize) -> String {
@@ -47,6 +54,7 @@ ip link set eth0 up
 ip addr add {GUEST_IP}/24 dev eth0
 echo "KILN-T mac $(cat /sys/class/net/eth0/address)"
 if ping -c 2 -W 20 {HOST_IP} >/dev/null 2>&1; then echo "KILN-T ping ok"; else echo "KILN-T ping failed"; fi
+ip route add {MMDS_IP}/32 dev eth0
 "#
     )
 }
@@ -55,14 +63,23 @@ if ping -c 2 -W 20 {HOST_IP} >/dev/null 2>&1; then echo "KILN-T ping ok"; else e
 /// contents, then waits to be stopped.
 fn api_boot_script(tool_len: usize) -> String {
     common_script(tool_len)
-        + r#"
+        + &format!(
+            r#"
+md=http://{MMDS_IP}/latest/meta-data
+tok=$(printf 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n' | nc {MMDS_IP} 80 | tail -n 1)
+echo "KILN-T mmds-token-len ${{#tok}}"
+wget -q -O /dev/null $md/instance-id 2>/dev/null; echo "KILN-T mmds-no-token $?"
+wget -q -O /dev/null --header 'X-metadata-token: bogus' $md/instance-id 2>/dev/null; echo "KILN-T mmds-bad-token $?"
+echo "KILN-T mmds-v2 $(wget -q -O - --header "X-metadata-token: $tok" $md/instance-id)"
 echo "KILN-T ready $(cat /sys/block/vdc/size)"
 i=0
 while [ "$(cat /sys/block/vdc/size)" = 8 ] && [ $i -lt 600 ]; do sleep 1; i=$((i + 1)); done
 echo "KILN-T resized $(cat /sys/block/vdc/size)"
 echo "KILN-T sum $(sha256sum </dev/vdc)"
+echo "KILN-T mmds-patched $(wget -q -O - --header "X-metadata-token: $tok" $md/patched)"
 sleep 900
 "#
+        )
 }
 
 /// Boot 2: reports, then fetches 16 bytes from host port [`DONE_PORT`] (served once the host is
@@ -71,6 +88,7 @@ fn config_file_boot_script(tool_len: usize) -> String {
     common_script(tool_len)
         + &format!(
             r#"
+echo "KILN-T mmds-v1 $(wget -q -O - http://{MMDS_IP}/latest/meta-data/instance-id)"
 echo "KILN-T size $(cat /sys/block/vdc/size)"
 i=0
 until /tmp/kv fetch 2 {DONE_PORT} 16 5; do
@@ -272,11 +290,38 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let eth0 =
         format!(r#"{{"iface_id":"eth0","host_dev_name":"{TAP}","guest_mac":"{GUEST_MAC}"}}"#);
     put(&sock, "PUT", "/network-interfaces/eth0", &eth0);
+    put(
+        &sock,
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces":["eth0"],"version":"V2"}"#,
+    );
+    put(
+        &sock,
+        "PUT",
+        "/mmds",
+        r#"{"latest":{"meta-data":{"instance-id":"i-kiln-v2"}}}"#,
+    );
     put(&sock, "PUT", "/entropy", "{}");
     let (status, config) = call(&sock, "GET", "/vm/config", "");
     assert_eq!(status, 200, "{config}");
+    assert!(
+        config.contains(r#""mmds-config":{"version":"V2""#),
+        "{config}"
+    );
+    // Boot 2 serves MMDS version 1.
     let config_file = dir.join("vm.json");
-    std::fs::write(&config_file, &config).unwrap();
+    std::fs::write(
+        &config_file,
+        config.replace(r#""version":"V2""#, r#""version":"V1""#),
+    )
+    .unwrap();
+    let metadata = dir.join("metadata.json");
+    std::fs::write(
+        &metadata,
+        r#"{"latest":{"meta-data":{"instance-id":"i-kiln-v1"}}}"#,
+    )
+    .unwrap();
     put(
         &sock,
         "PUT",
@@ -290,8 +335,19 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let console = seen.join("\n");
     assert_eq!(marker(&console, "mac"), Some(GUEST_MAC), "{console}");
     assert_eq!(marker(&console, "ping"), Some("ok"), "{console}");
+    assert_eq!(marker(&console, "mmds-token-len"), Some("64"), "{console}");
+    assert_ne!(marker(&console, "mmds-no-token"), Some("0"), "{console}");
+    assert_ne!(marker(&console, "mmds-bad-token"), Some("0"), "{console}");
+    assert_eq!(marker(&console, "mmds-v2"), Some("i-kiln-v2"), "{console}");
     vsock_round_trip(&uds);
 
+    // Seen by the guest's next fetch (after the drive swap below).
+    put(
+        &sock,
+        "PATCH",
+        "/mmds",
+        r#"{"latest":{"meta-data":{"patched":"yes"}}}"#,
+    );
     let patch = format!(
         r#"{{"drive_id":"drive1","path_on_host":"{}"}}"#,
         real.display()
@@ -301,6 +357,8 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     assert_eq!(resized, "KILN-T resized 2048");
     let sum = wait_for(&lines, "KILN-T sum", &mut seen);
     assert!(sum.contains(&sha256_file(&real)), "{sum}");
+    let patched = wait_for(&lines, "KILN-T mmds-patched", &mut seen);
+    assert_eq!(patched, "KILN-T mmds-patched yes");
 
     put(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#);
     assert!(call(&sock, "GET", "/", "")
@@ -391,6 +449,8 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         "--no-api",
         "--config-file",
         config_file.to_str().unwrap(),
+        "--metadata",
+        metadata.to_str().unwrap(),
     ]));
     let host = {
         let uds = uds.clone();
@@ -421,6 +481,11 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     assert_eq!(out.code(), 0);
     assert_eq!(marker(&out.stdout, "mac"), Some(GUEST_MAC));
     assert_eq!(marker(&out.stdout, "ping"), Some("ok"));
+    assert_eq!(
+        marker(&out.stdout, "mmds-v1"),
+        Some("i-kiln-v1"),
+        "--metadata over V1"
+    );
     assert_eq!(
         marker(&out.stdout, "size"),
         Some("8"),

@@ -20,6 +20,10 @@ use crate::machine::{MicroVm, VmmEvent};
 use crate::metrics::METRICS;
 use crate::resources::{balloon_model, ResourceError, VmResources};
 use crate::vmm_actions::{RunningVm, VmmError};
+use devices::mmds::{MmdsStore, SharedMmds, StoreError};
+
+/// Firecracker's MMDS size limit without `--mmds-size-limit`: the API's default body limit.
+pub const DEFAULT_MMDS_SIZE_LIMIT: usize = 51200;
 
 /// The Firecracker API version Kiln serves (its OpenAPI document's version).
 pub const API_VERSION: &str = crate::personality::FIRECRACKER_VERSION;
@@ -43,6 +47,8 @@ pub enum PreBoot {
 pub struct ApiController {
     id: String,
     resources: VmResources,
+    /// The MMDS document, which the API changes in either phase and the guest reads.
+    mmds: SharedMmds,
 }
 
 fn refused(message: impl std::fmt::Display) -> VmmOutcome {
@@ -56,9 +62,48 @@ fn done(result: Result<(), ResourceError>) -> VmmOutcome {
 }
 
 impl ApiController {
-    /// A controller for instance `id` starting from `resources` (empty, or a config file's).
+    /// A controller for instance `id` starting from `resources` (empty, or a config file's),
+    /// with an empty MMDS document of Firecracker's default size limit.
     pub fn new(id: String, resources: VmResources) -> Self {
-        Self { id, resources }
+        Self {
+            id,
+            resources,
+            mmds: MmdsStore::shared(DEFAULT_MMDS_SIZE_LIMIT),
+        }
+    }
+
+    /// The controller with `mmds` as its MMDS document (`--mmds-size-limit`, `--metadata`).
+    pub fn with_mmds(self, mmds: SharedMmds) -> Self {
+        Self { mmds, ..self }
+    }
+
+    /// Runs `f` on the MMDS document.
+    fn with_store<T>(&self, f: impl FnOnce(&mut MmdsStore) -> T) -> Result<T, VmmActionError> {
+        let mut store = self
+            .mmds
+            .lock()
+            .map_err(|_| VmmActionError::Internal("the MMDS store's lock is poisoned".into()))?;
+        Ok(f(&mut store))
+    }
+
+    /// `GET|PUT|PATCH /mmds`, served the same in both phases.
+    fn mmds_request(&self, request: &ApiRequest) -> Option<VmmOutcome> {
+        let result = match request {
+            ApiRequest::GetMmds => {
+                return Some(self.with_store(|s| VmmData::MmdsValue(s.data())));
+            }
+            ApiRequest::PutMmds(data) => self.with_store(|s| s.put(data.clone())),
+            ApiRequest::PatchMmds(patch) => self.with_store(|s| s.patch(patch)),
+            _ => return None,
+        };
+        Some(match result {
+            Ok(Ok(())) => Ok(VmmData::Empty),
+            Ok(Err(e @ StoreError::LimitExceeded)) => {
+                Err(VmmActionError::PayloadTooLarge(e.to_string()))
+            }
+            Ok(Err(e)) => Err(VmmActionError::refused(e)),
+            Err(e) => Err(e),
+        })
     }
 
     /// The resources as they stand.
@@ -70,7 +115,7 @@ impl ApiController {
     /// `kiln run` all do. A failure leaves the resources as they were, to be fixed and tried
     /// again.
     pub fn start(&self, kvm: &Kvm, quirks: &HostQuirks) -> Result<MicroVm, BuildError> {
-        build_microvm(kvm, &self.resources, quirks)
+        build_microvm(kvm, &self.resources, &self.mmds, quirks)
     }
 
     fn instance_info(&self, state: InstanceState) -> VmmData {
@@ -90,6 +135,9 @@ impl ApiController {
         state: InstanceState,
         resources: &VmResources,
     ) -> Option<VmmOutcome> {
+        if let Some(outcome) = self.mmds_request(request) {
+            return Some(outcome);
+        }
         Some(Ok(match request {
             ApiRequest::GetInstanceInfo => self.instance_info(state),
             ApiRequest::GetVersion => VmmData::Version(FirecrackerVersion {
@@ -138,6 +186,15 @@ impl ApiController {
                 r.put_vsock(vsock);
                 Ok(VmmData::Empty)
             }
+            ApiRequest::PutMmdsConfig(config) => {
+                let (version, imds_compat) = (config.version, config.imds_compat);
+                match r.put_mmds_config(config) {
+                    Ok(()) => self
+                        .with_store(|s| s.configure(version, imds_compat))
+                        .map(|()| VmmData::Empty),
+                    Err(e) => refused(e),
+                }
+            }
             ApiRequest::PutLogger(logger) => match crate::logger::configure(&logger) {
                 Ok(()) => Ok(VmmData::Empty),
                 Err(e) => refused(format!("Logger error: {e}")),
@@ -159,7 +216,10 @@ impl ApiController {
             ApiRequest::GetInstanceInfo
             | ApiRequest::GetVersion
             | ApiRequest::GetMachineConfig
-            | ApiRequest::GetVmConfig => unreachable_common(),
+            | ApiRequest::GetVmConfig
+            | ApiRequest::GetMmds
+            | ApiRequest::PutMmds(_)
+            | ApiRequest::PatchMmds(_) => unreachable_common(),
         };
         PreBoot::Reply(response)
     }
@@ -315,6 +375,7 @@ mod tests {
     use api::http::HttpResponse;
     use api::outcome::to_response;
     use api::routes::parse_request;
+    use devices::mmds::MmdsVersion;
 
     /// The controller's answer as the API would send it.
     fn pre(c: &mut ApiController, method: &str, path: &str, body: &str) -> HttpResponse {
@@ -777,5 +838,70 @@ mod tests {
         );
         let r = run(&mut c, &mut vm, "GET", "/balloon/statistics", "");
         assert_eq!(body(&r)["fault_message"], "Statistics are not enabled.");
+    }
+
+    #[test]
+    fn mmds_in_both_phases() {
+        let mut c = ApiController::new("vm1".into(), VmResources::default())
+            .with_mmds(MmdsStore::shared(64));
+        assert_eq!(
+            body(&pre(&mut c, "GET", "/mmds", "")),
+            serde_json::json!({})
+        );
+        let r = pre(&mut c, "PATCH", "/mmds", r#"{"a":1}"#);
+        assert_eq!(
+            (r.status(), body(&r)["fault_message"].clone()),
+            (400, "The MMDS data store is not initialized.".into())
+        );
+        assert_eq!(
+            pre(&mut c, "PUT", "/mmds", r#"{"a":{"b":"c"}}"#).status(),
+            204
+        );
+        assert_eq!(pre(&mut c, "PATCH", "/mmds", r#"{"d":"e"}"#).status(), 204);
+        assert_eq!(
+            body(&pre(&mut c, "GET", "/mmds", "")),
+            serde_json::json!({"a": {"b": "c"}, "d": "e"})
+        );
+        let big = format!(r#"{{"k":"{}"}}"#, "v".repeat(100));
+        let r = pre(&mut c, "PUT", "/mmds", &big);
+        assert_eq!(r.status(), 413);
+        assert_eq!(
+            body(&r)["fault_message"],
+            "The MMDS patch request doesn't fit."
+        );
+        // The config names configured interfaces only.
+        let config = r#"{"network_interfaces":["eth0"],"version":"V2"}"#;
+        let r = pre(&mut c, "PUT", "/mmds/config", config);
+        assert_eq!(r.status(), 400);
+        assert!(
+            body(&r)["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("does not correspond to any existing network interface"),
+            "{:?}",
+            r.body()
+        );
+        let eth0 = r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#;
+        assert_eq!(
+            pre(&mut c, "PUT", "/network-interfaces/eth0", eth0).status(),
+            204
+        );
+        assert_eq!(pre(&mut c, "PUT", "/mmds/config", config).status(), 204);
+        assert_eq!(c.mmds.lock().unwrap().version(), MmdsVersion::V2);
+        let vm_config = body(&pre(&mut c, "GET", "/vm/config", ""));
+        assert_eq!(vm_config["mmds-config"]["version"], "V2");
+        assert_eq!(vm_config["mmds-config"]["network_interfaces"][0], "eth0");
+        // After the start the document still changes; the config does not.
+        let mut vm = FakeVm::default();
+        assert_eq!(
+            run(&mut c, &mut vm, "PATCH", "/mmds", r#"{"d":null}"#).status(),
+            204
+        );
+        assert_eq!(
+            body(&run(&mut c, &mut vm, "GET", "/mmds", "")),
+            serde_json::json!({"a": {"b": "c"}})
+        );
+        let r = run(&mut c, &mut vm, "PUT", "/mmds/config", config);
+        assert_eq!(body(&r)["fault_message"], NOT_AFTER_START);
     }
 }

@@ -9,11 +9,13 @@
 //! the devices' announcements is checked before they exist.
 
 use devices::legacy::BootTimer;
+use devices::mmds::{MmdsStack, MmdsStackConfig, SharedMmds};
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{self, BootError, EntryPoint, HostQuirks, LoadedKernel, LoaderError};
 use crate::config::{ConfigError, ConsoleConfig, HostLimits, VmConfig};
+use crate::device_config::NetConfig;
 use crate::device_manager::{self, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::MicroVm;
@@ -134,11 +136,24 @@ fn write_boot_tables(
     Ok(entry)
 }
 
+/// MMDS on interface `net`, if the MMDS config names it.
+fn mmds_stack(config: &VmConfig, net: &NetConfig, store: &SharedMmds) -> Option<MmdsStack> {
+    let mmds = config.mmds.as_ref()?;
+    let id = net.id.as_deref()?;
+    mmds.network_interfaces.iter().any(|i| i == id).then(|| {
+        MmdsStack::new(MmdsStackConfig {
+            ipv4: mmds.ipv4(),
+            store: store.clone(),
+        })
+    })
+}
+
 /// Builds a ready-to-start microVM from `resources`, which it keeps as the description of
 /// what it built.
 pub fn build_microvm(
     kvm: &Kvm,
     resources: &VmResources,
+    mmds: &SharedMmds,
     quirks: &HostQuirks,
 ) -> Result<MicroVm, BuildError> {
     let config = &resources.vm_config(HostLimits::of(kvm))?;
@@ -166,7 +181,7 @@ pub fn build_microvm(
     let nets = config
         .nets
         .iter()
-        .map(device_manager::create_net)
+        .map(|net| device_manager::create_net(net, mmds_stack(config, net, mmds)))
         .collect::<Result<Vec<_>, _>>()?;
     let rng = config
         .rng

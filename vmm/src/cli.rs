@@ -64,6 +64,12 @@ pub struct ProcessArgs {
     /// added to `api_server.process_startup_time_cpu_us`.
     #[arg(long = "parent-cpu-time-us", value_name = "MICROS")]
     pub parent_cpu_time_us: Option<u64>,
+    /// MMDS's document at start: a JSON file (as a first `PUT /mmds`).
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
+    /// The largest MMDS document, in bytes serialized [default: --http-api-max-payload-size].
+    #[arg(long = "mmds-size-limit", value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
     /// Firecracker's switch to virtio-pci. Kiln has only the virtio-mmio transport: it says so
     /// in one warning and boots with every device on virtio-mmio, where the guest finds them
     /// through the command line as before.
@@ -276,6 +282,7 @@ impl RunArgs {
             vsock: self.vsock,
             rng: self.rng,
             balloon: self.balloon,
+            mmds_config: None,
             serial: SerialConfig {
                 console: self.console,
                 rate_limit: None,

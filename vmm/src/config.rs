@@ -226,6 +226,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The balloon device, if any; never larger than the guest's memory.
     pub balloon: Option<BalloonConfig>,
+    /// MMDS's interfaces (ids of `nets`), address and version, if MMDS is on.
+    pub mmds: Option<api::models::MmdsConfig>,
     /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
     /// `BOOT_TIMER_ADDR` logs its boot time.
     pub boot_timer: bool,
@@ -368,6 +370,7 @@ mod tests {
             rng: None,
             vsock: None,
             balloon: None,
+            mmds: None,
             boot_timer: false,
         }
     }

@@ -16,6 +16,7 @@ use api::http::{
 use api::outcome::{to_response, VmmActionError};
 use api::routes::parse_request;
 use clap::Parser;
+use devices::mmds::{MmdsStore, SharedMmds};
 use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
 use vmm::arch::HostQuirks;
 use vmm::cli::{Cli, Command, JailerCli, ObservabilityArgs, ProcessArgs, RunArgs};
@@ -215,7 +216,11 @@ fn serve(
         boot_timer: args.observability.boot_timer,
         ..resources
     };
-    let mut controller = ApiController::new(args.id, resources);
+    let mmds = match mmds_store(&args) {
+        Ok(mmds) => mmds,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let mut controller = ApiController::new(args.id, resources).with_mmds(mmds);
     let quirks = HostQuirks::detect();
     let start =
         |controller: &ApiController| controller.start(&kvm, &quirks).map_err(|e| e.to_string());
@@ -249,6 +254,28 @@ fn serve(
 fn api_thread(filters: &Arc<SeccompFilters>) -> ThreadSpawner {
     let filters = filters.clone();
     Box::new(move |name, body| Ok(spawn_filtered(name, &filters, ThreadKind::Api, body)?))
+}
+
+/// The MMDS document: `--mmds-size-limit` (else the API's body limit, as Firecracker), filled
+/// from `--metadata`.
+fn mmds_store(args: &ProcessArgs) -> Result<SharedMmds, String> {
+    let store = MmdsStore::shared(args.mmds_size_limit.unwrap_or(args.max_payload));
+    if let Some(path) = &args.metadata {
+        let limit = u64::try_from(args.mmds_size_limit.unwrap_or(args.max_payload))
+            .unwrap_or(u64::MAX)
+            .saturating_mul(4)
+            .max(4096);
+        let text = vmm::config::read_small_file(path, limit)
+            .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        let data: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        if let Ok(mut store) = store.lock() {
+            store
+                .put(data)
+                .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        }
+    }
+    Ok(store)
 }
 
 /// Reads a `--config-file` (the shape of GET /vm/config) into resources.

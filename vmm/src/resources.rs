@@ -12,7 +12,7 @@
 use api::models::{
     Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
     FullVmConfiguration, Logger, MacAddr, MachineConfiguration, MachineConfigurationPatch, Metrics,
-    NetworkInterface, SerialDevice, Vsock,
+    MmdsConfig, NetworkInterface, SerialDevice, Vsock,
 };
 
 use devices::rate_limiter::RateLimiterConfig;
@@ -45,6 +45,12 @@ pub enum ResourceError {
     /// A balloon bigger than the guest's memory.
     #[error("{0}")]
     BalloonTooLarge(String),
+    /// `PUT /mmds/config` naming an interface that is not configured (Firecracker's text).
+    #[error(
+        "The list of network interface IDs provided contains at least one ID that does not \
+         correspond to any existing network interface: {0}."
+    )]
+    MmdsUnknownInterface(String),
 }
 
 /// The pre-boot resources of one microVM.
@@ -64,6 +70,9 @@ pub struct VmResources {
     pub rng: Option<RngConfig>,
     /// The balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// MMDS's interfaces, address and version (the document itself is not a resource: it
+    /// lives on, and changes, after the start).
+    pub mmds_config: Option<MmdsConfig>,
     /// Where the serial console goes, and how fast it may write.
     pub serial: SerialConfig,
     /// Logger settings.
@@ -107,6 +116,9 @@ impl VmResources {
         for net in config.network_interfaces {
             resources.put_net(net)?;
         }
+        if let Some(mmds) = config.mmds_config {
+            resources.put_mmds_config(mmds)?;
+        }
         Ok(resources)
     }
 
@@ -132,7 +144,22 @@ impl VmResources {
             entropy: self.rng.as_ref().map(rng_model),
             serial: serial_model(&self.serial),
             balloon: self.balloon.as_ref().map(balloon_model),
+            mmds_config: self.mmds_config.clone(),
         }
+    }
+
+    /// `PUT /mmds/config`: every interface it names must be configured already.
+    pub fn put_mmds_config(&mut self, config: MmdsConfig) -> Result<(), ResourceError> {
+        if let Some(unknown) = config.network_interfaces.iter().find(|id| {
+            !self
+                .nets
+                .iter()
+                .any(|n| n.id.as_deref() == Some(id.as_str()))
+        }) {
+            return Err(ResourceError::MmdsUnknownInterface(unknown.clone()));
+        }
+        self.mmds_config = Some(config);
+        Ok(())
     }
 
     /// `PUT /balloon`: adds the balloon or replaces its settings.
@@ -260,6 +287,7 @@ impl VmResources {
             rng: self.rng.clone(),
             vsock: self.vsock.clone(),
             balloon: self.balloon,
+            mmds: self.mmds_config.clone(),
             boot_timer: self.boot_timer,
         }
         .validate(limits)

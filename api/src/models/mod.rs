@@ -19,6 +19,7 @@ mod entropy;
 mod instance;
 mod logging;
 mod machine;
+mod mmds;
 mod net;
 mod serial;
 mod vm_config;
@@ -44,6 +45,7 @@ pub use machine::{
     CpuTemplate, HugePages, MachineConfiguration, MachineConfigurationPatch, DEFAULT_MEM_SIZE_MIB,
     MAX_VCPUS,
 };
+pub use mmds::{MmdsConfig, MmdsVersion, DEFAULT_MMDS_IPV4};
 pub use net::{MacAddr, NetworkInterface, PartialNetworkInterface, IFNAMSIZ};
 pub use serial::SerialDevice;
 pub use vm_config::FullVmConfiguration;
@@ -181,6 +183,12 @@ pub enum ValidationError {
         /// The repeated ID.
         id: String,
     },
+    /// `PUT /mmds/config` with no interface (Firecracker's text).
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty.")]
+    MmdsNoInterfaces,
+    /// An MMDS address outside 169.254.0.0/16 (Firecracker's text).
+    #[error("The MMDS IPv4 address is not link local: {0}.")]
+    MmdsAddressNotLinkLocal(std::net::Ipv4Addr),
     /// More than one drive has `is_root_device: true` (Firecracker's text).
     #[error("A root block device already exists!")]
     SecondRootDevice,

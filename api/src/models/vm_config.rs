@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Balloon, BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics,
+    Balloon, BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics, MmdsConfig,
     NetworkInterface, SerialDevice, ValidationError, Vsock,
 };
 
@@ -14,8 +14,8 @@ use super::{
 ///
 /// Differences from Firecracker's config file: every key is optional (Firecracker requires
 /// `boot-source` and `drives`; whoever boots checks that a boot source exists), unknown keys —
-/// including the Firecracker features Kiln lacks, such as `mmds-config`, `cpu-config`,
-/// `pmem` — are refused instead of ignored, and `serial` is accepted as it is by `PUT /serial`.
+/// including the Firecracker features Kiln lacks, such as `cpu-config` and `pmem` — are
+/// refused instead of ignored, and `serial` is accepted as it is by `PUT /serial`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfiguration {
@@ -57,6 +57,13 @@ pub struct FullVmConfiguration {
     /// The balloon device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Balloon>,
+    /// MMDS: which interfaces reach it, at which address, which version.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
 }
 
 impl FullVmConfiguration {
@@ -68,6 +75,9 @@ impl FullVmConfiguration {
         }
         if let Some(machine) = &self.machine_config {
             machine.validate()?;
+        }
+        if let Some(mmds) = &self.mmds_config {
+            mmds.validate()?;
         }
         let mut ids = HashSet::new();
         let mut has_root = false;
@@ -196,7 +206,7 @@ mod tests {
 
     #[test]
     fn unsupported_keys_and_list_rules() {
-        for key in ["mmds-config", "cpu-config", "pmem", "boot_source"] {
+        for key in ["cpu-config", "pmem", "memory-hotplug", "boot_source"] {
             let err = serde_json::from_str::<FullVmConfiguration>(&format!(r#"{{"{key}":{{}}}}"#))
                 .unwrap_err();
             assert!(

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use crate::models::{
     check_id, ActionType, ApiError, Balloon, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate,
     BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfiguration,
-    MachineConfigurationPatch, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    SerialDevice, ValidationError, Vm, VmState, Vsock,
+    MachineConfigurationPatch, Metrics, MmdsConfig, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SerialDevice, ValidationError, Vm, VmState, Vsock,
 };
 
 #[cfg(test)]
@@ -70,6 +70,10 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/balloon/hinting/start", None),
     route("GET", "/balloon/hinting/status", None),
     route("PATCH", "/balloon/hinting/stop", None),
+    route("GET", "/mmds", Some("mmds")),
+    route("PUT", "/mmds", Some("mmds")),
+    route("PATCH", "/mmds", Some("mmds")),
+    route("PUT", "/mmds/config", None),
 ];
 
 /// One parsed and validated API request.
@@ -127,6 +131,14 @@ pub enum ApiRequest {
     GetBalloonHintingStatus,
     /// `PATCH /balloon/hinting/stop` (any body is ignored, as by Firecracker).
     StopBalloonHinting,
+    /// `GET /mmds`: the MMDS document.
+    GetMmds,
+    /// `PUT /mmds`: a new MMDS document (any JSON).
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch of the document.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// Why a request was refused before reaching the VMM. Every variant answers HTTP 400, as
@@ -242,6 +254,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         ("GET", "version", false) => Ok(ApiRequest::GetVersion),
         ("GET", "vm", false) if id() == Some("config") => Ok(ApiRequest::GetVmConfig),
         ("GET", "machine-config", false) => Ok(ApiRequest::GetMachineConfig),
+        ("GET", "mmds", false) => Ok(ApiRequest::GetMmds),
         ("GET", _, true) => Err(RequestError::GetWithBody),
 
         ("PUT", "actions", true) => {
@@ -297,6 +310,19 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             vsock.validate()?;
             Ok(ApiRequest::PutVsock(vsock))
         }
+        ("PUT", "mmds", true) => match id() {
+            None => Ok(ApiRequest::PutMmds(parse_body(body)?)),
+            Some("config") => {
+                let config: MmdsConfig = parse_body(body)?;
+                config.validate()?;
+                Ok(ApiRequest::PutMmdsConfig(config))
+            }
+            Some(other) => Err(RequestError::UnrecognizedPath {
+                method: "PUT",
+                path: other.to_string(),
+            }),
+        },
+        ("PATCH", "mmds", true) => Ok(ApiRequest::PatchMmds(parse_body(body)?)),
         ("PUT", "entropy", true) => {
             let entropy: EntropyDevice = parse_body(body)?;
             entropy.validate()?;

@@ -248,6 +248,12 @@ fn samples() -> Vec<Sample> {
         free_page_hinting: true,
         free_page_reporting: true,
     };
+    let mmds = MmdsConfig {
+        version: MmdsVersion::V2,
+        network_interfaces: vec!["n".into()],
+        ipv4_address: Some(DEFAULT_MMDS_IPV4),
+        imds_compat: true,
+    };
     let some = Some(1);
     let stats = BalloonStats {
         target_pages: 1,
@@ -377,8 +383,10 @@ fn samples() -> Vec<Sample> {
                 entropy: Some(entropy),
                 serial: Some(serial),
                 balloon: Some(balloon),
+                mmds_config: Some(mmds.clone()),
             },
         ),
+        sample("MmdsConfig", mmds),
     ]
 }
 

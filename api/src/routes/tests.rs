@@ -516,7 +516,7 @@ fn unknown_paths_and_methods() {
     // Firecracker names the resource (the path's first segment) in the message.
     for (method, path, body, resource) in [
         ("GET", "/invalid", "", "invalid"),
-        ("PUT", "/mmds", "{}", "mmds"),
+        ("DELETE", "/mmds", "", "mmds"),
         (
             "POST",
             "/actions",
@@ -542,8 +542,6 @@ fn unknown_paths_and_methods() {
     for (method, path) in [
         ("PUT", "/snapshot/create"),
         ("PUT", "/snapshot/load"),
-        ("GET", "/mmds"),
-        ("PUT", "/mmds/config"),
         ("PUT", "/cpu-config"),
         ("PUT", "/pmem/p0"),
         ("PUT", "/hotplug/memory"),
@@ -655,6 +653,8 @@ fn every_route_parses() {
             ("PATCH", "/balloon/statistics") => r#"{"stats_polling_interval_s":1}"#,
             ("PATCH", "/balloon/hinting/start") => r#"{"acknowledge_on_stop":true}"#,
             ("PATCH", "/balloon/hinting/stop") => "",
+            ("PUT", "/mmds") | ("PATCH", "/mmds") => r#"{"latest":{"meta-data":{}}}"#,
+            ("PUT", "/mmds/config") => r#"{"network_interfaces":["eth0"]}"#,
             _ => panic!("no sample body for {method} {template}"),
         };
         (
@@ -742,4 +742,40 @@ fn balloon_routes() {
         ),
         RequestError::Invalid(ValidationError::BalloonTooLarge(_))
     ));
+}
+
+#[test]
+fn mmds_routes() {
+    assert_eq!(ok("GET", "/mmds", ""), ApiRequest::GetMmds);
+    assert_eq!(
+        ok("PUT", "/mmds", r#"{"latest":{"meta-data":{"id":"i-1"}}}"#),
+        ApiRequest::PutMmds(serde_json::json!({"latest":{"meta-data":{"id":"i-1"}}}))
+    );
+    assert_eq!(
+        ok("PATCH", "/mmds", r#"{"a":null}"#),
+        ApiRequest::PatchMmds(serde_json::json!({"a": null}))
+    );
+    assert!(matches!(
+        ok(
+            "PUT",
+            "/mmds/config",
+            r#"{"network_interfaces":["eth0"],"version":"V2"}"#
+        ),
+        ApiRequest::PutMmdsConfig(_)
+    ));
+    assert_eq!(
+        message("PUT", "/mmds/other", "{}"),
+        "Unrecognized PUT request path `other`."
+    );
+    assert!(matches!(
+        err("PUT", "/mmds", "{not json"),
+        RequestError::Json(_)
+    ));
+    assert!(message("PUT", "/mmds/config", r#"{"network_interfaces":[]}"#).contains("empty"));
+    assert!(message(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces":["eth0"],"ipv4_address":"192.168.0.1"}"#
+    )
+    .contains("link local"));
 }

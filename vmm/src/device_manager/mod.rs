@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use api::http::{bind_api_socket, BindError, SocketGuard};
 use devices::legacy::{OutputLimits, SerialConsole};
+use devices::mmds::MmdsStack;
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -278,8 +279,8 @@ pub fn create_drive(drive: &DriveConfig) -> Result<Block, DeviceError> {
     .map_err(|source| DeviceError::Drive { id, source })
 }
 
-/// Opens `net`'s TAP device and creates its network device.
-pub fn create_net(net: &NetConfig) -> Result<Net, DeviceError> {
+/// Opens `net`'s TAP device and creates its network device, with `mmds` serving MMDS on it.
+pub fn create_net(net: &NetConfig, mmds: Option<MmdsStack>) -> Result<Net, DeviceError> {
     let id = net.id.clone().unwrap_or_default();
     let tap = Tap::open_named(&net.tap).map_err(|source| DeviceError::Tap {
         id: id.clone(),
@@ -293,6 +294,7 @@ pub fn create_net(net: &NetConfig) -> Result<Net, DeviceError> {
         mtu: net.mtu,
         rx_rate_limiter: net.rx_rate_limiter,
         tx_rate_limiter: net.tx_rate_limiter,
+        mmds,
     })
     .map_err(|source| DeviceError::Net { id, source })
 }

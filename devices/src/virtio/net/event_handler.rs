@@ -75,6 +75,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
             tag::TX_QUEUE => {
                 let _ = self.common.queue_evts()[TX_QUEUE].read();
                 self.process_tx();
+                self.deliver_mmds_answers();
             }
             tag::TAP => {
                 // Does nothing before activation; ACTIVATE reads what arrived meanwhile.
@@ -92,8 +93,18 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
             // A spurious wake-up (timer not yet expired) is ignored.
             tag::TX_RATE_LIMITER if self.tx_rate_limiter.event_handler().is_ok() => {
                 self.process_tx();
+                self.deliver_mmds_answers();
             }
             _ => {}
+        }
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// Frames the guest sent to MMDS were answered on the spot: hand the answers over.
+    pub(super) fn deliver_mmds_answers(&mut self) {
+        if self.mmds_has_frames() {
+            self.process_rx();
         }
     }
 }

@@ -43,6 +43,8 @@ use super::{
     device_type, drain_queue, features, notify_if_needed, stop_on_broken_ring, ActivateError,
     ActiveState, ChainOutcome, Interrupt, VirtioCommon, VirtioDevice, DRAIN_BUDGET,
 };
+use crate::mmds::stack::MmdsCounters;
+use crate::mmds::MmdsStack;
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 
 /// Index of the receive queue (device → guest).
@@ -155,6 +157,8 @@ pub struct NetDeviceConfig<B = Tap> {
     pub rx_rate_limiter: RateLimiterConfig,
     /// Limits on frames and bytes sent by the guest.
     pub tx_rate_limiter: RateLimiterConfig,
+    /// MMDS on this interface: frames for its address go to it instead of the TAP.
+    pub mmds: Option<MmdsStack>,
 }
 
 /// Counters, for metrics and tests. Byte counts are Ethernet bytes, without the vnet header.
@@ -211,6 +215,7 @@ pub struct Net<B = Tap> {
     errors: GuestErrorLog,
     backend_errors: GuestErrorLog,
     counters: NetCounters,
+    mmds: Option<MmdsStack>,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -259,7 +264,18 @@ impl<B: NetBackend> Net<B> {
             errors: GuestErrorLog::default(),
             backend_errors: GuestErrorLog::host(),
             counters: NetCounters::default(),
+            mmds: config.mmds,
         })
+    }
+
+    /// MMDS's counters on this interface, if it serves MMDS.
+    pub fn mmds_counters(&self) -> Option<MmdsCounters> {
+        self.mmds.as_ref().map(MmdsStack::counters)
+    }
+
+    /// Whether MMDS has frames waiting for the guest.
+    fn mmds_has_frames(&self) -> bool {
+        self.mmds.as_ref().is_some_and(MmdsStack::has_frames)
     }
 
     /// The device's id.
@@ -326,6 +342,7 @@ impl<B: NetBackend> Net<B> {
             counters,
             log_name,
             common,
+            mmds,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
@@ -347,6 +364,14 @@ impl<B: NetBackend> Net<B> {
             let frame_bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
             if !charge(tx_rate_limiter, frame_bytes) {
                 return ChainOutcome::Retry;
+            }
+            if let Some(stack) = mmds.as_mut() {
+                let frame = &tx_frame[VNET_HDR_LEN..len];
+                if stack.is_for_mmds(frame) {
+                    // Never reaches the TAP: MMDS answers it, through the receive queue.
+                    stack.take_frame(frame);
+                    return ChainOutcome::Used(0);
+                }
             }
             match backend.write(&tx_frame[..len]) {
                 Ok(_) => {
@@ -390,6 +415,7 @@ impl<B: NetBackend> Net<B> {
             counters,
             log_name,
             common,
+            mmds,
             ..
         } = self;
         let Some(state) = active.as_mut() else {
@@ -406,6 +432,17 @@ impl<B: NetBackend> Net<B> {
             let len = match *rx_pending {
                 Some(len) => len,
                 None => {
+                    // MMDS's answers first: they are few, and a guest is waiting on them.
+                    if let Some(frame) = mmds.as_mut().and_then(MmdsStack::next_frame) {
+                        let len = VNET_HDR_LEN + frame.len();
+                        if let Some(dest) = rx_frame.get_mut(..len) {
+                            // A zero vnet header: no offloads, checksums complete.
+                            dest[..VNET_HDR_LEN].fill(0);
+                            dest[VNET_HDR_LEN..].copy_from_slice(&frame);
+                            *rx_pending = Some(len);
+                            continue;
+                        }
+                    }
                     if frames_read >= DRAIN_BUDGET {
                         // Come back through the queue eventfd so other devices get their turn:
                         // the edge-triggered TAP would not report the frames still queued.

@@ -103,6 +103,7 @@ fn config(tap: FakeTap) -> NetDeviceConfig<FakeTap> {
         mtu: None,
         rx_rate_limiter: RateLimiterConfig::default(),
         tx_rate_limiter: RateLimiterConfig::default(),
+        mmds: None,
     }
 }
 
@@ -783,4 +784,66 @@ fn event_loop_delivers_frames_from_before_activation() {
         .unwrap();
     manager.run_with_timeout(1000).unwrap();
     assert_eq!(host.recv().unwrap(), sent);
+}
+
+/// An ARP request from the guest (MAC, 10.0.0.2) for `target`, vnet header first.
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[0x08, 0x06]);
+    // Ethernet/IPv4, request.
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[10, 0, 0, 2]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+#[test]
+fn mmds_frames_are_answered_by_the_device_and_never_reach_the_tap() {
+    use crate::mmds::{MmdsStack, MmdsStackConfig, MmdsStore};
+    let mem = mem();
+    let vqs = queues(&mem);
+    let (tap, host) = fake_tap();
+    let mut net = Net::new(NetDeviceConfig {
+        mmds: Some(MmdsStack::new(MmdsStackConfig {
+            ipv4: std::net::Ipv4Addr::new(169, 254, 169, 254),
+            store: MmdsStore::shared(1024),
+        })),
+        ..config(tap)
+    })
+    .unwrap();
+    let for_mmds = arp_request([169, 254, 169, 254]);
+    let for_tap = arp_request([10, 0, 0, 1]);
+    mem.write_slice(&for_mmds, GuestAddress(0x10_0000)).unwrap();
+    mem.write_slice(&for_tap, GuestAddress(0x11_0000)).unwrap();
+    add_chains(
+        &vqs[1],
+        &[
+            &[desc(0x10_0000, for_mmds.len() as u32, 0)],
+            &[desc(0x11_0000, for_tap.len() as u32, 0)],
+        ],
+    );
+    add_chains(&vqs[0], &[&[desc(0x20_0000, 2048, WRITE)]]);
+    let _int = activate(&mut net, &mem, &vqs, features::VERSION_1);
+    net.process_tx();
+    net.deliver_mmds_answers();
+    // Only the other frame reached the TAP.
+    assert_eq!(host.recv().unwrap(), for_tap);
+    assert_eq!(host.recv(), None);
+    // MMDS's ARP reply is in the guest's receive chain: from MMDS's MAC, to the guest.
+    let (head, len) = used(&mem, &vqs[0], 0);
+    assert_eq!(head, 0);
+    let reply = read_guest(&mem, 0x20_0000, len as usize);
+    let eth = &reply[VNET_HDR_LEN..];
+    assert_eq!(&eth[0..6], &MAC, "to the guest");
+    assert_eq!(&eth[6..12], &crate::mmds::stack::MMDS_MAC, "from MMDS");
+    assert_eq!(&eth[12..14], &[0x08, 0x06]);
+    assert_eq!(&eth[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&eth[28..32], &[169, 254, 169, 254]);
+    let mmds = net.mmds_counters().unwrap();
+    assert_eq!((mmds.frames_taken, mmds.frames_sent), (1, 1));
+    assert_eq!(net.counters().tx_frames, 1);
 }
