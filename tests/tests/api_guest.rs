@@ -392,6 +392,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         "entropy",
         "uart",
         "vcpu",
+        "mmds",
     ] {
         assert!(last.get(group).is_some(), "no {group} in {last}");
     }
@@ -401,6 +402,10 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     assert!(
         total("vsock", "conns_added") >= 1,
         "vsock round trip not counted: {lines:?}"
+    );
+    assert!(
+        total("mmds", "rx_accepted") > 0 && total("mmds", "connections_created") >= 4,
+        "the guest's MMDS requests not counted: {lines:?}"
     );
     assert!(
         total("uart", "write_count") > 0,

@@ -57,8 +57,10 @@ pub struct MmdsStackConfig {
 pub struct MmdsCounters {
     /// Guest frames taken instead of going to the TAP.
     pub frames_taken: u64,
-    /// Frames queued for the guest.
+    /// Frames handed to the guest.
     pub frames_sent: u64,
+    /// Bytes in them (Ethernet headers included).
+    pub bytes_sent: u64,
     /// Frames dropped because a queue was full.
     pub frames_dropped: u64,
     /// HTTP requests answered (any status).
@@ -238,6 +240,7 @@ impl MmdsStack {
     pub fn next_frame(&mut self) -> Option<Vec<u8>> {
         let frame = self.queues.outbound.pop_front()?;
         self.counters.frames_sent += 1;
+        self.counters.bytes_sent += frame.len() as u64;
         Some(frame)
     }
 

@@ -208,6 +208,12 @@ pub trait VirtioDevice: Send + std::any::Any {
     fn is_activated(&self) -> bool;
     /// Every counter since the device was created, under Firecracker's metric field names.
     fn metric_values(&self) -> Vec<(&'static str, u64)>;
+    /// Counters the device keeps for a service it carries, each under Firecracker's top-level
+    /// group for it (a network interface's MMDS: `mmds`); summed over the devices that report
+    /// the group.
+    fn service_metric_groups(&self) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
+        Vec::new()
+    }
 }
 
 /// What a device holds between activation and reset: its queues, the guest memory they live

@@ -173,7 +173,8 @@ impl DeviceRegistry {
 
     /// Every device's counters: the console's `uart`, then per kind in order of first
     /// appearance each device's own group (block and net, named `<group>_<id>`) and the kind's
-    /// sum under the group's name.
+    /// sum under the group's name; then the groups of the services devices carry (MMDS on
+    /// network interfaces: `mmds`), summed over the devices.
     pub fn metric_groups(&self) -> Vec<DeviceGroup> {
         let mut groups = vec![DeviceGroup {
             name: "uart".to_string(),
@@ -185,17 +186,24 @@ impl DeviceRegistry {
                 kinds.push(entry.kind);
             }
         }
+        let mut services: Vec<DeviceGroup> = Vec::new();
+        for entry in &self.virtio {
+            for (name, values) in locked(&entry.device).service_metric_groups() {
+                match services.iter_mut().find(|g| g.name == name) {
+                    Some(group) => add_into(&mut group.values, &values),
+                    None => services.push(DeviceGroup {
+                        name: name.to_string(),
+                        values,
+                    }),
+                }
+            }
+        }
         for kind in kinds {
             let group = kind.metrics_group();
             let mut sum: Vec<(&'static str, u64)> = Vec::new();
             for entry in self.virtio.iter().filter(|d| d.kind == kind) {
                 let values = locked(&entry.device).metric_values();
-                for &(field, value) in &values {
-                    match sum.iter_mut().find(|(f, _)| *f == field) {
-                        Some((_, total)) => *total = total.saturating_add(value),
-                        None => sum.push((field, value)),
-                    }
-                }
+                add_into(&mut sum, &values);
                 if kind.has_per_device_metrics() {
                     groups.push(DeviceGroup {
                         name: format!("{group}_{}", entry.id),
@@ -208,6 +216,17 @@ impl DeviceRegistry {
                 values: sum,
             });
         }
+        groups.extend(services);
         groups
+    }
+}
+
+/// Adds each of `values` to the field of the same name in `sum` (appending new fields).
+fn add_into(sum: &mut Vec<(&'static str, u64)>, values: &[(&'static str, u64)]) {
+    for &(field, value) in values {
+        match sum.iter_mut().find(|(f, _)| *f == field) {
+            Some((_, total)) => *total = total.saturating_add(value),
+            None => sum.push((field, value)),
+        }
     }
 }

@@ -604,6 +604,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters())
     }
+
+    fn service_metric_groups(&self) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
+        self.mmds_counters()
+            .map(|c| vec![("mmds", metrics::mmds_values(&c))])
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -845,5 +845,9 @@ fn mmds_frames_are_answered_by_the_device_and_never_reach_the_tap() {
     assert_eq!(&eth[28..32], &[169, 254, 169, 254]);
     let mmds = net.mmds_counters().unwrap();
     assert_eq!((mmds.frames_taken, mmds.frames_sent), (1, 1));
+    let groups = net.service_metric_groups();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].0, "mmds");
+    assert!(groups[0].1.contains(&("rx_accepted", 1)), "{groups:?}");
     assert_eq!(net.counters().tx_frames, 1);
 }
