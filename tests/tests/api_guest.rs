@@ -5,7 +5,8 @@
 //! 1. Over the API socket: boot source, machine config, a read-only root drive and placeholder
 //!    drives, vsock, network interface eth0 on a TAP, entropy, InstanceStart. While the guest runs:
 //!    the host reaches the guest's vsock listener through the hybrid socket, the guest's eth0 has
-//!    the configured MAC and pings the TAP, the placeholder gets its real backing file by PATCH
+//!    the configured MAC and pings the TAP, its clock has the host's time (from the CMOS
+//!    clock), the placeholder gets its real backing file by PATCH
 //!    and the guest sees the new capacity and contents, the VM is paused and resumed, and
 //!    SendCtrlAltDel ends it.
 //!    MMDS version 2 on eth0: the guest gets a session token (`PUT /latest/api/token` with
@@ -52,6 +53,7 @@ head -c {tool_len} /dev/vdd >/tmp/kv && chmod +x /tmp/kv || echo "KILN-T setup f
 /tmp/kv serve {AGENT_PORT} &
 ip link set eth0 up
 ip addr add {GUEST_IP}/24 dev eth0
+echo "KILN-T date $(date +%s)"
 echo "KILN-T mac $(cat /sys/class/net/eth0/address)"
 if ping -c 2 -W 20 {HOST_IP} >/dev/null 2>&1; then echo "KILN-T ping ok"; else echo "KILN-T ping failed"; fi
 ip route add {MMDS_IP}/32 dev eth0
@@ -144,6 +146,13 @@ fn marker<'a>(console: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// The host's wall clock in seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn put(sock: &Path, method: &str, path: &str, body: &str) {
     let (status, reply) = call(sock, method, path, body);
     assert_eq!(status, 204, "{method} {path} {body}: {reply}");
@@ -174,6 +183,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     if !kvm_available() {
         return;
     }
+    let test_started = unix_now();
     let images = vmm::guest_images::default_guest().expect("guest images");
     let tool_bytes = std::fs::read(images.vmlinux.parent().unwrap().join(TOOL))
         .expect("kiln-vsock in the guest images");
@@ -333,6 +343,17 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let ready = wait_for(&lines, "KILN-T ready", &mut seen);
     assert_eq!(ready, "KILN-T ready 8");
     let console = seen.join("\n");
+    // The guest read the host's time from the CMOS clock at boot.
+    let guest_date: u64 = marker(&console, "date").unwrap().parse().unwrap();
+    assert!(
+        (test_started.saturating_sub(60)..=unix_now() + 60).contains(&guest_date),
+        "guest clock {guest_date}, host {}",
+        unix_now()
+    );
+    assert!(
+        !console.contains("Unable to read current time from RTC"),
+        "{console}"
+    );
     assert_eq!(marker(&console, "mac"), Some(GUEST_MAC), "{console}");
     assert_eq!(marker(&console, "ping"), Some("ok"), "{console}");
     assert_eq!(marker(&console, "mmds-token-len"), Some("64"), "{console}");

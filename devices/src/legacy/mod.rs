@@ -1,4 +1,5 @@
-//! Legacy PC devices on the port I/O bus: the 16550 UART and the i8042 controller; and
+//! Legacy PC devices on the port I/O bus: the 16550 UART, the i8042 controller and the CMOS
+//! real-time clock; and
 //! Firecracker's boot-timer pseudo device on the MMIO bus.
 //!
 //! The UART wraps vm-superio's model; the i8042 is Kiln's own (a controller with one PS/2
@@ -7,11 +8,13 @@
 //! i8042's CPU-reset command).
 
 mod boot_timer;
+mod cmos;
 mod i8042;
 mod serial;
 
 pub use boot_timer::{process_cpu_time, BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_MAGIC};
 
+pub use cmos::{CivilTime, CmosRtc, CMOS_PORT_BASE, CMOS_PORT_LEN};
 pub use i8042::{I8042Error, I8042};
 pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 pub use serial::{ConsoleCounters, OutputLimits, SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};

@@ -1,13 +1,14 @@
 //! The legacy devices of an x86 guest: COM1 (a 16550 at port 0x3f8, IRQ 4) as the serial
-//! console, and the i8042 keyboard controller (ports 0x60/0x64, IRQ 1), whose reset line is how
-//! a guest with `reboot=k` ends the VM and through which the VMM sends Ctrl+Alt+Del.
+//! console, the i8042 keyboard controller (ports 0x60/0x64, IRQ 1), whose reset line is how
+//! a guest with `reboot=k` ends the VM and through which the VMM sends Ctrl+Alt+Del, and the
+//! CMOS clock (ports 0x70/0x71), from which the guest reads the time at boot.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{
-    EventFdTrigger, I8042Error, OutputLimits, SerialConsole, I8042, I8042_PORT_BASE,
-    I8042_PORT_LEN, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+    CmosRtc, EventFdTrigger, I8042Error, OutputLimits, SerialConsole, CMOS_PORT_BASE,
+    CMOS_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use devices::Bus;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -36,7 +37,8 @@ fn irq_line(vm: &Vm, gsi: u32) -> Result<EventFd, DeviceError> {
 }
 
 impl LegacyDevices {
-    /// Puts COM1 (writing to `console_out` within `console_limits`) and the i8042 on `io_bus`,
+    /// Puts COM1 (writing to `console_out` within `console_limits`), the i8042 and the CMOS
+    /// clock on `io_bus`,
     /// each with its interrupt line; the guest's reset through the i8042 writes `reset`.
     pub fn attach(
         vm: &Vm,
@@ -56,6 +58,11 @@ impl LegacyDevices {
             EventFdTrigger::new(irq_line(vm, KEYBOARD_GSI)?),
         )));
         io_bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(CmosRtc::new())),
+            CMOS_PORT_BASE,
+            CMOS_PORT_LEN,
+        )?;
         Ok(Self { console, i8042 })
     }
 
