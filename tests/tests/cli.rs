@@ -395,6 +395,9 @@ fn log_and_metrics_flags() {
     assert_eq!(lines.len(), 1, "one line, at exit: {lines:?}");
     let exits = lines[0]["vcpu"]["exit_io_out"].as_u64().unwrap();
     assert!(exits >= 13, "13 console bytes and the reset: {}", lines[0]);
+    // The reset went through the i8042 (Firecracker's group and names).
+    assert_eq!(lines[0]["i8042"]["reset_count"], 1, "{}", lines[0]);
+    assert_eq!(lines[0]["i8042"]["write_count"], 1, "{}", lines[0]);
 
     // Errors only, with the level shown: a failing guest's last word is there, nothing else.
     let fault = write(

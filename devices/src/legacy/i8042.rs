@@ -265,6 +265,24 @@ pub struct I8042 {
     controller_param: Option<ControllerParam>,
     /// Set by a keyboard command whose parameter is the next byte sent to the keyboard.
     kbd_param: Option<KbdCommand>,
+    counters: I8042Counters,
+}
+
+/// What the guest did with the controller, under Firecracker's `i8042` metric names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct I8042Counters {
+    /// Reads of the data and status ports.
+    pub read_count: u64,
+    /// Writes to the data and command ports.
+    pub write_count: u64,
+    /// Reads of the other ports in the controller's range (0x61 ..= 0x63).
+    pub missed_read_count: u64,
+    /// Writes there.
+    pub missed_write_count: u64,
+    /// CPU reset commands (a guest's `reboot=k`).
+    pub reset_count: u64,
+    /// Interrupts or resets that could not be signalled.
+    pub error_count: u64,
 }
 
 impl I8042 {
@@ -282,7 +300,26 @@ impl I8042 {
             last_write_was_command: false,
             controller_param: None,
             kbd_param: None,
+            counters: I8042Counters::default(),
         }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> I8042Counters {
+        self.counters
+    }
+
+    /// The counters under Firecracker's `i8042` metric field names.
+    pub fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("read_count", c.read_count),
+            ("write_count", c.write_count),
+            ("missed_read_count", c.missed_read_count),
+            ("missed_write_count", c.missed_write_count),
+            ("reset_count", c.reset_count),
+            ("error_count", c.error_count),
+        ]
     }
 
     /// Presses Ctrl, Alt and Del (make codes only, as Firecracker does): Linux's keyboard driver
@@ -349,9 +386,11 @@ impl I8042 {
             .map_err(I8042Error::KbdInterrupt)
     }
 
-    /// Like [`Self::raise_kbd_interrupt`], for paths the guest drives: a failure is logged.
-    fn raise_kbd_interrupt_or_log(&self) {
+    /// Like [`Self::raise_kbd_interrupt`], for paths the guest drives: a failure is logged
+    /// and counted.
+    fn raise_kbd_interrupt_or_log(&mut self) {
         if let Err(e) = self.raise_kbd_interrupt() {
+            self.counters.error_count += 1;
             log::error!("{e}");
         }
     }
@@ -400,7 +439,9 @@ impl I8042 {
             Command::WriteKbdOutput => self.controller_param = Some(ControllerParam::KbdOutput),
             Command::WriteAux => self.controller_param = Some(ControllerParam::Aux),
             Command::ResetCpu => {
+                self.counters.reset_count += 1;
                 if let Err(e) = self.reset.trigger() {
+                    self.counters.error_count += 1;
                     log::error!("i8042: could not signal the guest's reset: {e}");
                 }
             }
@@ -463,9 +504,18 @@ impl BusDevice for I8042 {
             return;
         };
         *first = match offset {
-            OFS_DATA => self.read_data(),
-            OFS_COMMAND => self.status(),
-            _ => 0,
+            OFS_DATA => {
+                self.counters.read_count += 1;
+                self.read_data()
+            }
+            OFS_COMMAND => {
+                self.counters.read_count += 1;
+                self.status()
+            }
+            _ => {
+                self.counters.missed_read_count += 1;
+                0
+            }
         };
     }
 
@@ -475,9 +525,15 @@ impl BusDevice for I8042 {
             return;
         };
         match offset {
-            OFS_DATA => self.write_data(byte),
-            OFS_COMMAND => self.write_command(byte),
-            _ => {}
+            OFS_DATA => {
+                self.counters.write_count += 1;
+                self.write_data(byte);
+            }
+            OFS_COMMAND => {
+                self.counters.write_count += 1;
+                self.write_command(byte);
+            }
+            _ => self.counters.missed_write_count += 1,
         }
     }
 }
@@ -648,6 +704,16 @@ mod tests {
         assert!(f.reset.read().is_err(), "no reset expected yet");
         f.command(0xfe);
         assert_eq!(f.reset.read().unwrap(), 1);
+        let c = f.i8042.counters();
+        assert_eq!(
+            (c.reset_count, c.missed_write_count, c.error_count),
+            (1, 1, 0)
+        );
+        assert_eq!(c.write_count, 2 + 2 * 255);
+        let mut byte = [0u8];
+        f.i8042.read(2, &mut byte);
+        assert_eq!(f.i8042.counters().missed_read_count, 1);
+        assert!(f.i8042.metric_values().contains(&("reset_count", 1)));
     }
 
     #[test]

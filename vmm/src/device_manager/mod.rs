@@ -33,7 +33,9 @@ use crate::vstate::vm::Vm;
 
 mod registry;
 
-pub use registry::{locked, DeviceKind, DeviceRegistry, RegisteredDevice, RegistryError};
+pub use registry::{
+    locked, DeviceKind, DeviceRegistry, MetricSource, RegisteredDevice, RegistryError,
+};
 
 /// A device's event handler, as the VMM's event loop holds it.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -187,10 +189,14 @@ impl DeviceManager {
         let legacy =
             LegacyDevices::attach(vm, &mut io_bus, console_out, console_limits, reset_trigger)?;
         let console = legacy.console.clone();
+        let mut registry = DeviceRegistry::new(console.clone());
+        for (name, source) in legacy.metric_sources() {
+            registry.add_legacy_metrics(name, source);
+        }
         Ok(Self {
             io_bus,
             mmio_bus: Bus::new(),
-            registry: DeviceRegistry::new(console.clone()),
+            registry,
             console,
             reset_evt,
             legacy,

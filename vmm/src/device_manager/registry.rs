@@ -99,7 +99,12 @@ pub enum RegistryError {
 pub struct DeviceRegistry {
     virtio: Vec<RegisteredDevice>,
     console: Arc<Mutex<SerialConsole>>,
+    /// The legacy devices' counters, each under its metric group's name (x86's `i8042`).
+    legacy_metrics: Vec<(&'static str, MetricSource)>,
 }
+
+/// Reads one device's counters, as `(field, value)` pairs.
+pub type MetricSource = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
 /// Locks a device or transport, going on if a thread panicked while holding it: the device's own
 /// state checks still hold, and refusing every later call would only wedge the VMM.
@@ -113,7 +118,13 @@ impl DeviceRegistry {
         Self {
             virtio: Vec::new(),
             console,
+            legacy_metrics: Vec::new(),
         }
+    }
+
+    /// Adds a legacy device's counters to the metrics, as group `name`.
+    pub fn add_legacy_metrics(&mut self, name: &'static str, source: MetricSource) {
+        self.legacy_metrics.push((name, source));
     }
 
     /// The slot the next virtio device gets, or `None` when the interrupt lines have run out.
@@ -171,7 +182,8 @@ impl DeviceRegistry {
         Ok(f(device, &mut transport))
     }
 
-    /// Every device's counters: the console's `uart`, then per kind in order of first
+    /// Every device's counters: the console's `uart` and the other legacy devices' groups, then
+    /// per kind in order of first
     /// appearance each device's own group (block and net, named `<group>_<id>`) and the kind's
     /// sum under the group's name; then the groups of the services devices carry (MMDS on
     /// network interfaces: `mmds`), summed over the devices.
@@ -180,6 +192,12 @@ impl DeviceRegistry {
             name: "uart".to_string(),
             values: locked(&self.console).metric_values(),
         }];
+        for (name, source) in &self.legacy_metrics {
+            groups.push(DeviceGroup {
+                name: (*name).to_string(),
+                values: source(),
+            });
+        }
         let mut kinds: Vec<DeviceKind> = Vec::new();
         for entry in &self.virtio {
             if !kinds.contains(&entry.kind) {

@@ -13,7 +13,7 @@ use devices::legacy::{
 use devices::Bus;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device_manager::{locked, DeviceError};
+use crate::device_manager::{locked, DeviceError, MetricSource};
 use crate::vstate::vm::Vm;
 
 /// COM1's interrupt line.
@@ -64,6 +64,13 @@ impl LegacyDevices {
             CMOS_PORT_LEN,
         )?;
         Ok(Self { console, i8042 })
+    }
+
+    /// The legacy devices' counters for the metrics, each with its group's name (the console's
+    /// `uart` is the registry's own).
+    pub fn metric_sources(&self) -> Vec<(&'static str, MetricSource)> {
+        let i8042 = self.i8042.clone();
+        vec![("i8042", Arc::new(move || locked(&i8042).metric_values()))]
     }
 
     /// Sends the guest Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`), through the keyboard.
