@@ -164,6 +164,54 @@ fn a_seccomp_filter_file_replaces_the_built_in_filters() {
     assert!(!out.stdout.contains("KILN-TINY-OK"), "{out:?}");
 }
 
+/// Firecracker's compiled filter files work as they are: Kiln's own filters in that form keep
+/// every thread confined; an empty program leaves its kind unfiltered, as in Firecracker.
+#[test]
+fn firecrackers_compiled_filter_files_are_read_too() {
+    if !kvm_available() || !hook_in_binary() {
+        return;
+    }
+    use vmm::seccomp::compiled;
+    let dir = scratch_dir("seccomp-compiled");
+    let bytes = vmm::seccomp::SeccompFilters::compile_to_firecracker_format(
+        vmm::seccomp::DEFAULT_FILTERS_JSON,
+    )
+    .unwrap();
+    let file = write_file(&dir, "filters.bpf", &bytes);
+    let out = run_tiny(&dir, None, &["--seccomp-filter", file.to_str().unwrap()]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("KILN-TINY-OK"), "{out:?}");
+    // Still enforced: the vCPU's forbidden call kills Kiln.
+    let out = run_tiny(
+        &dir,
+        Some("vcpu"),
+        &["--seccomp-filter", file.to_str().unwrap()],
+    );
+    assert!(killed_by_sigsys(&out), "{out:?}");
+    // An empty vcpu program: no filter on the vCPU threads, so its forbidden call passes.
+    let programs = compiled::decode(&bytes).unwrap();
+    let empty = Vec::new();
+    let entries: Vec<(&str, &Vec<_>)> = programs
+        .iter()
+        .map(|(name, program)| (name.as_str(), if name == "vcpu" { &empty } else { program }))
+        .collect();
+    let file = write_file(&dir, "no-vcpu.bpf", &compiled::encode(&entries));
+    let out = run_tiny(
+        &dir,
+        Some("vcpu"),
+        &["--seccomp-filter", file.to_str().unwrap()],
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    // Bytes that are neither form are refused before anything starts.
+    let file = write_file(&dir, "garbage.bpf", &[7u8; 40]);
+    let out = run_tiny(&dir, None, &["--seccomp-filter", file.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(
+        out.stderr.contains("nor Firecracker's compiled filters"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn bad_seccomp_flags_are_refused_before_anything_starts() {
     let dir = scratch_dir("seccomp-bad");

@@ -72,17 +72,23 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 /// Reads a small text file a user named (a config file, a filter file): never blocking on a FIFO,
 /// never reading a character device without end, refusing one larger than `max_bytes`.
 pub fn read_small_file(path: &std::path::Path, max_bytes: u64) -> std::io::Result<String> {
+    String::from_utf8(read_small_file_bytes(path, max_bytes)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// [`read_small_file`] for a file that may be binary (a compiled seccomp filter).
+pub fn read_small_file_bytes(path: &std::path::Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = devices::host_file::open(path, false, devices::host_file::Accept::RegularFile)?;
-    let mut text = String::new();
-    file.take(max_bytes + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > max_bytes {
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("larger than {max_bytes} bytes"),
         ));
     }
-    Ok(text)
+    Ok(bytes)
 }
 
 impl ConsoleConfig {

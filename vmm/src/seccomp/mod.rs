@@ -16,7 +16,10 @@
 //!
 //! The allow lists are [`DEFAULT_FILTERS_JSON`] (seccompiler's JSON format, each entry with a
 //! comment saying who needs it). `--seccomp-filter FILE` replaces them with a file in the same
-//! format, which must define exactly the three kinds; `--no-seccomp` installs none.
+//! format, or with Firecracker's compiled form ([`compiled`]), told apart by content; either
+//! must define exactly the three kinds. `--no-seccomp` installs none.
+
+pub mod compiled;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -73,6 +76,14 @@ pub enum Error {
         source_name: String,
         /// What seccompiler reported.
         error: seccompiler::Error,
+    },
+    /// A compiled filter file that is not Firecracker's format.
+    #[error("seccomp filters {source_name}: not seccompiler JSON, nor Firecracker's compiled filters: {error}")]
+    Decode {
+        /// The file's path.
+        source_name: String,
+        /// What is wrong with it.
+        error: compiled::DecodeError,
     },
     /// A thread kind has no filter in the file.
     #[error("seccomp filters {source_name}: no filter for thread kind {kind:?} (need \"api\", \"vmm\" and \"vcpu\")")]
@@ -141,14 +152,28 @@ impl SeccompFilters {
         Self::from_json(DEFAULT_FILTERS_JSON.as_bytes(), "built in")
     }
 
-    /// The filters of a JSON file (`--seccomp-filter`).
+    /// The filters of a `--seccomp-filter` file: seccompiler JSON (its first non-blank byte is
+    /// `{`), or Firecracker's compiled filters (anything else).
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let text = crate::config::read_small_file(path, crate::config::MAX_CONFIG_FILE_BYTES)
-            .map_err(|source| Error::ReadFile {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Self::from_json(text.as_bytes(), &path.display().to_string())
+        let bytes =
+            crate::config::read_small_file_bytes(path, crate::config::MAX_CONFIG_FILE_BYTES)
+                .map_err(|source| Error::ReadFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        let source_name = path.display().to_string();
+        let is_json = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{');
+        if is_json {
+            return Self::from_json(bytes.as_slice(), &source_name);
+        }
+        let programs = compiled::decode(&bytes).map_err(|error| Error::Decode {
+            source_name: source_name.clone(),
+            error,
+        })?;
+        Self::from_programs(programs, &source_name)
     }
 
     /// Compiles seccompiler JSON that defines exactly the three thread kinds.
@@ -160,6 +185,14 @@ impl SeccompFilters {
                     error,
                 }
             })?;
+        Self::from_programs(compiled.into_iter().collect(), source_name)
+    }
+
+    /// Filters from each thread kind's name and program: exactly the three kinds.
+    fn from_programs(
+        compiled: Vec<(String, BpfProgram)>,
+        source_name: &str,
+    ) -> Result<Self, Error> {
         let mut programs = HashMap::new();
         for (name, program) in compiled {
             let Some(kind) = ThreadKind::ALL.into_iter().find(|k| k.name() == name) else {
@@ -184,6 +217,19 @@ impl SeccompFilters {
         })
     }
 
+    /// Compiles seccompiler JSON into Firecracker's compiled form (what `seccompiler-bin`
+    /// writes), kinds in [`ThreadKind::ALL`]'s order.
+    pub fn compile_to_firecracker_format(json: &str) -> Result<Vec<u8>, Error> {
+        let filters = Self::from_json(json.as_bytes(), "JSON")?;
+        let programs = filters.programs.unwrap_or_default();
+        let empty = BpfProgram::new();
+        let entries: Vec<(&str, &BpfProgram)> = ThreadKind::ALL
+            .iter()
+            .map(|kind| (kind.name(), programs.get(kind).unwrap_or(&empty)))
+            .collect();
+        Ok(compiled::encode(&entries))
+    }
+
     /// Whether any filter will be installed.
     pub fn enabled(&self) -> bool {
         self.programs.is_some()
@@ -195,12 +241,16 @@ impl SeccompFilters {
         let Some(programs) = &self.programs else {
             return Ok(());
         };
-        // `from_json` checked that every kind has a program.
+        // `from_programs` checked that every kind has a program.
         let program = programs.get(&kind).map(Vec::as_slice).unwrap_or_default();
-        seccompiler::apply_filter(program).map_err(|error| Error::Install {
-            kind: kind.name(),
-            error,
-        })?;
+        // An empty program means no filter for the kind (Firecracker's rule for compiled
+        // filters); the kernel would refuse it.
+        if !program.is_empty() {
+            seccompiler::apply_filter(program).map_err(|error| Error::Install {
+                kind: kind.name(),
+                error,
+            })?;
+        }
         violation_hook::after_install(kind);
         Ok(())
     }
