@@ -343,10 +343,12 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let ready = wait_for(&lines, "KILN-T ready", &mut seen);
     assert_eq!(ready, "KILN-T ready 8");
     let console = seen.join("\n");
-    // The guest read the host's time from the CMOS clock at boot.
+    // The guest read the host's time from the CMOS clock at boot (within minutes: its own
+    // clock runs on from there, at whatever pace an emulated guest keeps; without the clock it
+    // would be 1970).
     let guest_date: u64 = marker(&console, "date").unwrap().parse().unwrap();
     assert!(
-        (test_started.saturating_sub(60)..=unix_now() + 60).contains(&guest_date),
+        (test_started.saturating_sub(600)..=unix_now() + 600).contains(&guest_date),
         "guest clock {guest_date}, host {}",
         unix_now()
     );
