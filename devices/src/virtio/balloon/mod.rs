@@ -143,6 +143,11 @@ fn queue_roles(features: u64) -> Vec<QueueRole> {
     roles
 }
 
+/// How many queues a driver that acked `features` sets up (what activation expects).
+pub fn queue_count(features: u64) -> usize {
+    queue_roles(features).len()
+}
+
 /// What a guest did wrong with one buffer.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
