@@ -147,3 +147,57 @@ pub fn raise_fd_limit() -> u64 {
     }
     limit.rlim_cur
 }
+
+/// The resident memory of process `pid` and of its guest-memory mapping, in KiB, from
+/// /proc/PID/smaps. The guest-memory mapping is the anonymous one of `guest_bytes`, or up to
+/// 1 MiB more (Firecracker's includes its guard pages).
+pub fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest) = (0, 0);
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            let size = first.split_once('-').and_then(|(s, e)| {
+                Some(u64::from_str_radix(e, 16).ok()? - u64::from_str_radix(s, 16).ok()?)
+            });
+            in_guest = size
+                .is_some_and(|size| (guest_bytes..=guest_bytes + (1 << 20)).contains(&size))
+                && fields.nth(4).is_none();
+        } else if first == "Rss:" {
+            let kib: u64 = fields.next()?.parse().ok()?;
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+/// Sends one request on a new connection to the API socket `sock` and returns the answer's
+/// status code (`None` if the VMM closed without a status line, or `deadline` passed). Only the
+/// status line is read: a VMM may keep the connection open after its answer (Firecracker's
+/// does), so waiting for the end of the stream would wait for nothing.
+pub fn request_status(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    deadline: std::time::Duration,
+) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    stream.set_read_timeout(Some(deadline)).ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head).ok()?.get(9..12)?.parse().ok()
+}

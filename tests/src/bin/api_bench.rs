@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, median, percentile, raise_fd_limit};
+use kiln_tests::bench::{host_context, median, percentile, raise_fd_limit, request_status};
 use kiln_tests::{kiln_bin, tiny_elf, TINY_LOAD_ADDR};
 
 const IDLE_CLIENTS: usize = 1000;
@@ -64,21 +64,9 @@ impl Vmm {
     }
 }
 
-/// Sends one request on a new connection; returns the status code (None if the VMM closed
-/// without a status line).
+/// One request on a new connection; its status code.
 fn request(sock: &Path, method: &str, path: &str, body: &str) -> Option<u16> {
-    let mut stream = UnixStream::connect(sock).ok()?;
-    stream.set_read_timeout(Some(DEADLINE)).ok()?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).ok()?;
-    // The status line is enough: a VMM may keep the connection open after its answer.
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head).ok()?.get(9..12)?.parse().ok()
+    request_status(sock, method, path, body, DEADLINE)
 }
 
 struct LoadFigures {

@@ -13,35 +13,11 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bench::rss_kib;
 use kiln_tests::kiln_bin;
 
 const MEM_MIB: u64 = 128;
 const INIT_MARKER: &str = "KILN-GUEST-INIT-OK";
-
-/// Rss of the whole process and of the guest-memory mapping, in KiB.
-fn rss_kib(pid: u32) -> Option<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest) = (0, 0);
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            // A mapping header: "start-end perms offset dev inode [path]".
-            let size = first.split_once('-').and_then(|(s, e)| {
-                Some(u64::from_str_radix(e, 16).ok()? - u64::from_str_radix(s, 16).ok()?)
-            });
-            in_guest = size == Some(MEM_MIB << 20) && fields.nth(4).is_none();
-        } else if first == "Rss:" {
-            let kib: u64 = fields.next()?.parse().ok()?;
-            total += kib;
-            if in_guest {
-                guest += kib;
-            }
-        }
-    }
-    Some((total, guest))
-}
 
 struct Run {
     to_init: Option<Duration>,
@@ -79,7 +55,7 @@ fn one_run() -> Run {
     });
     let mut peak = 0;
     let status = loop {
-        if let Some((total, guest)) = rss_kib(pid) {
+        if let Some((total, guest)) = rss_kib(pid, MEM_MIB << 20) {
             peak = peak.max(total - guest);
         }
         if let Some(status) = child.try_wait().expect("wait") {
