@@ -70,11 +70,22 @@ impl ApiController {
             resources,
             mmds: MmdsStore::shared(DEFAULT_MMDS_SIZE_LIMIT),
         }
+        .with_mmds_version()
     }
 
     /// The controller with `mmds` as its MMDS document (`--mmds-size-limit`, `--metadata`).
     pub fn with_mmds(self, mmds: SharedMmds) -> Self {
-        Self { mmds, ..self }
+        Self { mmds, ..self }.with_mmds_version()
+    }
+
+    /// Serves MMDS in the version (and IMDS mode) the resources' `mmds-config` names, as a
+    /// config file's does: `PUT /mmds/config` sets it the same way.
+    fn with_mmds_version(self) -> Self {
+        if let Some(config) = &self.resources.mmds_config {
+            let (version, imds_compat) = (config.version, config.imds_compat);
+            let _ = self.with_store(|s| s.configure(version, imds_compat));
+        }
+        self
     }
 
     /// Runs `f` on the MMDS document.
@@ -838,6 +849,20 @@ mod tests {
         );
         let r = run(&mut c, &mut vm, "GET", "/balloon/statistics", "");
         assert_eq!(body(&r)["fault_message"], "Statistics are not enabled.");
+    }
+
+    #[test]
+    fn a_config_files_mmds_version_is_served() {
+        let resources = VmResources::from_config_json(
+            r#"{"network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0"}],
+                "mmds-config":{"network_interfaces":["eth0"],"version":"V2","imds_compat":true}}"#,
+        )
+        .unwrap();
+        let store = MmdsStore::shared(1024);
+        let _c = ApiController::new("vm".into(), resources).with_mmds(store.clone());
+        let store = store.lock().unwrap();
+        assert_eq!(store.version(), MmdsVersion::V2);
+        assert!(store.imds_compat());
     }
 
     #[test]
