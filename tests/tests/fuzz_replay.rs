@@ -332,8 +332,13 @@ fn config_file_inputs_end_kiln_with_a_status() {
         );
         if status.code() != Some(0) {
             refused += 1;
+            // A config file's logger takes Kiln's messages from the start: the refusal is
+            // said there rather than on stderr.
+            let logged = configured_log(bytes, &dir)
+                .and_then(|log| std::fs::read_to_string(log).ok())
+                .is_some_and(|text| !text.trim().is_empty());
             assert!(
-                !out.stderr.trim().is_empty(),
+                !out.stderr.trim().is_empty() || logged,
                 "{}: exit {status:?} with nothing said",
                 path.display()
             );
@@ -344,4 +349,12 @@ fn config_file_inputs_end_kiln_with_a_status() {
         inputs.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The log file a config file's `logger` names, relative to `dir` (Kiln's working directory
+/// for the replay), if it names one.
+fn configured_log(config: &[u8], dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let config: serde_json::Value = serde_json::from_slice(config).ok()?;
+    let path = config.get("logger")?.get("log_path")?.as_str()?;
+    Some(dir.join(path))
 }
