@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::boot_params::{build_zero_page, write_zero_page, ZeroPageInputs};
 use vmm::arch::x86_64::layout::{BOOT_STACK_POINTER, PML4_ADDR, ZERO_PAGE_ADDR};
 use vmm::arch::x86_64::regs::{EntryPoint, PVH_INFO_ADDR};
+use vmm::arch::StateCaps;
 use vmm::memory::create_guest_memory;
 use vmm::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent};
 use vmm::vstate::vm::{open_kvm, Vm};
@@ -60,8 +61,9 @@ impl BusDevice for Scratch {
 
 struct TinyGuest {
     // Kept alive for the vCPU.
-    _vm: Vm,
+    vm: Vm,
     vcpu: Vcpu,
+    mem: vm_memory::GuestMemoryMmap,
 }
 
 fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> TinyGuest {
@@ -79,9 +81,10 @@ fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> Tin
     write_zero_page(&mem, &params).unwrap();
     let vm = Vm::new(&kvm).unwrap();
     vm.register_memory(&mem).unwrap();
-    let vcpu = Vcpu::new(&vm, 0, io_bus, mmio_bus, mem.clone()).unwrap();
+    let caps = Arc::new(StateCaps::of(&kvm).unwrap());
+    let vcpu = Vcpu::new(&vm, 0, io_bus, mmio_bus, mem.clone(), caps).unwrap();
     vcpu.configure(&kvm, 1, entry).unwrap();
-    TinyGuest { _vm: vm, vcpu }
+    TinyGuest { vm, vcpu, mem }
 }
 
 /// Runs until `done` says so, at most `max_exits` exits.
@@ -300,4 +303,55 @@ fn boot_timer_sees_the_guests_write_at_its_address() {
     let reported = timer.lock().unwrap().reported();
     assert!(reported.is_some(), "the guest's 123 reached the boot timer");
     assert_eq!(guest.vcpu.sample().exits.mmio_write, 2);
+}
+
+/// A guest that counts in a register and in memory, saved after its third report (vCPU, VM and
+/// memory, through the snapshot code) and restored into a new VM: the new VM goes on counting
+/// from 4, which it can only do if the registers, the memory and the instruction pointer past
+/// the last port write all came back.
+#[test]
+fn a_saved_vcpu_goes_on_where_it_stopped_in_a_new_vm() {
+    if !kvm_available() {
+        return;
+    }
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x66, 0xba, 0x34, 0x12,                   // mov dx, 0x1234
+        0x31, 0xdb,                               // xor ebx, ebx
+        0xff, 0xc3,                               // loop: inc ebx
+        0x89, 0x1c, 0x25, 0x00, 0x20, 0x00, 0x00, // mov [0x2000], ebx
+        0x89, 0xd8, 0xef,                         // mov eax, ebx; out dx, eax
+        0xeb, 0xf2,                               // jmp loop
+    ];
+    let (mut guest, values) =
+        run_reporting_guest(code, EntryPoint::Linux64(CODE_ADDR), Bus::new(), 3);
+    assert_eq!(values, [1, 2, 3]);
+    let vcpu_state = guest.vcpu.save().unwrap();
+    let vm_state = vmm::arch::save_vm(guest.vm.fd()).unwrap();
+    let dir = kiln_tests::scratch_dir("kvm-snapshot");
+    let mem_path = dir.join("mem");
+    let layout = vmm::persist::memory::save(&guest.mem, &mem_path).unwrap();
+    drop(guest);
+
+    let kvm = open_kvm().unwrap();
+    let mem = vmm::persist::memory::restore_from_file(&mem_path, &layout).unwrap();
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 3);
+    let vm = Vm::new(&kvm).unwrap();
+    vm.register_memory(&mem).unwrap();
+    let reporter = Arc::new(Mutex::new(Reporter::default()));
+    let mut io_bus = Bus::new();
+    io_bus
+        .insert(reporter.clone(), u64::from(REPORT_PORT), 1)
+        .unwrap();
+    let caps = Arc::new(StateCaps::of(&kvm).unwrap());
+    let mut vcpu = Vcpu::new(&vm, 0, io_bus, Bus::new(), mem.clone(), caps).unwrap();
+    vcpu.restore(&vcpu_state).unwrap();
+    vmm::arch::restore_vm(vm.fd(), &vm_state).unwrap();
+    run_until(&mut vcpu, 100, || reporter.lock().unwrap().values.len() == 2);
+    assert_eq!(reporter.lock().unwrap().values, [4, 5]);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 5);
+    // The memory file is the snapshot's: the restored VM's writes stayed private.
+    let again = vmm::persist::memory::restore_from_file(&mem_path, &layout).unwrap();
+    assert_eq!(again.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }

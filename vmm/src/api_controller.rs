@@ -8,14 +8,18 @@
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use api::models::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
+use api::models::{
+    ActionType, FirecrackerVersion, InstanceInfo, InstanceState, MemoryBackendType,
+    SnapshotLoadParams, VmState,
+};
 use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
 
 use kvm_ioctls::Kvm;
 
 use crate::arch::HostQuirks;
-use crate::builder::{build_microvm, BuildError};
+use crate::builder::{build_microvm, restore_microvm, BuildError};
+use crate::persist::{self, SnapshotError};
 use crate::machine::{MicroVm, VmmEvent};
 use crate::metrics::METRICS;
 use crate::resources::{balloon_model, ResourceError, VmResources};
@@ -38,10 +42,22 @@ const NOT_AFTER_START: &str =
 pub enum PreBoot {
     /// Answer it.
     Reply(VmmOutcome),
-    /// `InstanceStart`: build and start the VM from the resources, then answer (success, or
-    /// the build error as a refusal).
-    Start,
+    /// Build and start the VM, then answer (success, or the build error as a refusal).
+    Start(StartRequest),
 }
+
+/// How a VM comes to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartRequest {
+    /// `InstanceStart`: boot the kernel the resources name.
+    Boot,
+    /// `PUT /snapshot/load`: restore a snapshot.
+    Load(Box<SnapshotLoadParams>),
+}
+
+/// Firecracker's refusal of a load into a process that was configured for a boot.
+const LOAD_AFTER_CONFIG: &str =
+    "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
 
 /// The API's view of one microVM.
 pub struct ApiController {
@@ -129,6 +145,42 @@ impl ApiController {
         build_microvm(kvm, &self.resources, &self.mmds, quirks)
     }
 
+    /// Restores the snapshot `params` names: its state file read and checked, its memory
+    /// mapped, its devices rebuilt with the load's overrides, its vCPUs paused unless
+    /// `resume_vm`. A failure leaves this process as it was, able to try again.
+    pub fn load_snapshot(
+        &self,
+        kvm: &Kvm,
+        params: &SnapshotLoadParams,
+    ) -> Result<MicroVm, BuildError> {
+        let state = persist::read_state(&params.snapshot_path)?;
+        let resources = persist::restored_resources(&state.vm_config, params, &self.resources)?;
+        let source = params
+            .memory_source()
+            .ok_or_else(|| SnapshotError::Inconsistent("no memory source".into()))?;
+        let (mem, handler) = match source.backend_type {
+            MemoryBackendType::File => (
+                persist::memory::restore_from_file(&source.path, &state.memory)
+                    .map_err(SnapshotError::from)?,
+                None,
+            ),
+            MemoryBackendType::Uffd => {
+                let (mem, uffd) = persist::uffd::restore_with_handler(&source.path, &state.memory)
+                    .map_err(SnapshotError::from)?;
+                (mem, Some(uffd))
+            }
+        };
+        let mut microvm = restore_microvm(kvm, &resources, &self.mmds, &state, mem)?;
+        if let Some(uffd) = handler {
+            microvm = microvm.with_memory_handler(uffd);
+        }
+        Ok(if params.resume_vm {
+            microvm
+        } else {
+            microvm.paused()
+        })
+    }
+
     fn instance_info(&self, state: InstanceState) -> VmmData {
         VmmData::InstanceInfo(InstanceInfo {
             app_name: "Kiln".to_string(),
@@ -169,7 +221,16 @@ impl ApiController {
         }
         let r = &mut self.resources;
         let response = match request {
-            ApiRequest::Action(ActionType::InstanceStart) => return PreBoot::Start,
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                return PreBoot::Start(StartRequest::Boot)
+            }
+            ApiRequest::LoadSnapshot(params) => {
+                if r.configured_for_boot() {
+                    refused(LOAD_AFTER_CONFIG)
+                } else {
+                    return PreBoot::Start(StartRequest::Load(params));
+                }
+            }
             ApiRequest::PutBootSource(boot) => {
                 r.boot_source = Some(boot);
                 Ok(VmmData::Empty)
@@ -215,6 +276,7 @@ impl ApiController {
                 Err(e) => refused(format!("Metrics error: {e}")),
             },
             ApiRequest::PatchDrive(_)
+            | ApiRequest::CreateSnapshot(_)
             | ApiRequest::PatchNetworkInterface(_)
             | ApiRequest::PatchVm(_)
             | ApiRequest::GetBalloonStats
@@ -303,6 +365,19 @@ impl ApiController {
                 .map(VmmData::BalloonHintingStatus)
                 .map_err(vmm_error),
             ApiRequest::StopBalloonHinting => done_vmm(vm.stop_balloon_hinting()),
+            ApiRequest::CreateSnapshot(params) => {
+                let started = Instant::now();
+                match vm.create_snapshot(&params.snapshot_path, &params.mem_file_path) {
+                    Ok(()) => {
+                        METRICS
+                            .latencies_us
+                            .full_create_snapshot
+                            .store(micros(started));
+                        Ok(VmmData::Empty)
+                    }
+                    Err(e) => refused(format!("Create snapshot error: {e}")),
+                }
+            }
             _ => refused(NOT_AFTER_START),
         }
     }
@@ -326,7 +401,7 @@ pub enum PreBootEnd<T> {
 pub fn run_pre_boot<T>(
     events: &Receiver<VmmEvent>,
     controller: &mut ApiController,
-    mut start: impl FnMut(&ApiController) -> Result<T, String>,
+    mut start: impl FnMut(&ApiController, &StartRequest) -> Result<T, String>,
 ) -> PreBootEnd<T> {
     loop {
         let Ok(event) = events.recv() else {
@@ -343,7 +418,7 @@ pub fn run_pre_boot<T>(
             PreBoot::Reply(outcome) => {
                 let _ = call.reply.send(outcome);
             }
-            PreBoot::Start => match start(controller) {
+            PreBoot::Start(request) => match start(controller, &request) {
                 Ok(vm) => {
                     let _ = call.reply.send(Ok(VmmData::Empty));
                     return PreBootEnd::Started(vm);
@@ -392,7 +467,7 @@ mod tests {
     fn pre(c: &mut ApiController, method: &str, path: &str, body: &str) -> HttpResponse {
         match c.pre_boot(parse_request(method, path, body.as_bytes()).unwrap()) {
             PreBoot::Reply(r) => to_response(&r),
-            PreBoot::Start => HttpResponse::no_content(),
+            PreBoot::Start(_) => HttpResponse::no_content(),
         }
     }
 
@@ -474,7 +549,8 @@ mod tests {
         let first = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
         let second = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
         let mut attempts = 0;
-        let end = run_pre_boot(&rx, &mut c, |c| {
+        let end = run_pre_boot(&rx, &mut c, |c, request| {
+            assert_eq!(request, &StartRequest::Boot);
             attempts += 1;
             assert!(c.resources().boot_source.is_some());
             if attempts == 1 {
@@ -506,7 +582,7 @@ mod tests {
         let version = call(&tx, "GET", "/version", "");
         tx.send(VmmEvent::Signal(libc::SIGTERM)).unwrap();
         let never = call(&tx, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
-        let end = run_pre_boot(&rx, &mut c, |_| -> Result<(), String> {
+        let end = run_pre_boot(&rx, &mut c, |_, _| -> Result<(), String> {
             panic!("no start after a stop signal")
         });
         assert_eq!(end, PreBootEnd::Signal(libc::SIGTERM));
@@ -518,7 +594,7 @@ mod tests {
 
         let (tx, rx) = std::sync::mpsc::channel::<VmmEvent>();
         drop(tx);
-        let end = run_pre_boot(&rx, &mut c, |_| Ok(()));
+        let end = run_pre_boot(&rx, &mut c, |_, _| Ok(()));
         assert_eq!(end, PreBootEnd::ChannelClosed);
     }
 
@@ -597,7 +673,7 @@ mod tests {
         let start = c.pre_boot(
             parse_request("PUT", "/actions", br#"{"action_type":"InstanceStart"}"#).unwrap(),
         );
-        assert!(matches!(start, PreBoot::Start));
+        assert!(matches!(start, PreBoot::Start(StartRequest::Boot)));
     }
 
     /// The failures only: a success would configure the process's logger or metrics, which the
@@ -671,6 +747,23 @@ mod tests {
         }
         fn flush_metrics(&self) -> Result<(), VmmError> {
             Err(VmmError::Internal("the registry is inconsistent".into()))
+        }
+        fn create_snapshot(
+            &mut self,
+            snapshot_path: &std::path::Path,
+            mem_path: &std::path::Path,
+        ) -> Result<(), VmmError> {
+            self.calls.push(format!(
+                "snapshot {} {}",
+                snapshot_path.display(),
+                mem_path.display()
+            ));
+            if !self.paused {
+                return Err(VmmError::Device(
+                    SnapshotError::NotPaused.to_string(),
+                ));
+            }
+            Ok(())
         }
         fn update_drive(
             &mut self,
@@ -928,5 +1021,42 @@ mod tests {
         );
         let r = run(&mut c, &mut vm, "PUT", "/mmds/config", config);
         assert_eq!(body(&r)["fault_message"], NOT_AFTER_START);
+    }
+
+    #[test]
+    fn a_snapshot_loads_only_into_a_fresh_process_and_is_taken_only_of_a_paused_vm() {
+        let load = r#"{"snapshot_path":"/s","mem_file_path":"/m","resume_vm":true}"#;
+        // Logger, metrics and console may come first; a boot resource may not.
+        let mut c = ApiController::new("vm1".into(), VmResources::default());
+        assert_eq!(pre(&mut c, "PUT", "/serial", r#"{}"#).status(), 204);
+        let start = c.pre_boot(parse_request("PUT", "/snapshot/load", load.as_bytes()).unwrap());
+        let PreBoot::Start(StartRequest::Load(params)) = start else {
+            panic!("{start:?}")
+        };
+        assert!(params.resume_vm);
+        pre(&mut c, "PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":64}"#);
+        let refusal = pre(&mut c, "PUT", "/snapshot/load", load);
+        assert_eq!(refusal.status(), 400);
+        assert_eq!(body(&refusal)["fault_message"], LOAD_AFTER_CONFIG);
+        let create = r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#;
+        assert_eq!(pre(&mut c, "PUT", "/snapshot/create", create).status(), 400);
+
+        let mut vm = FakeVm::default();
+        let refusal = run(&mut c, &mut vm, "PUT", "/snapshot/create", create);
+        assert_eq!(refusal.status(), 400);
+        assert_eq!(
+            body(&refusal)["fault_message"],
+            "Create snapshot error: the microVM must be paused before a snapshot is taken"
+        );
+        vm.paused = true;
+        assert_eq!(
+            run(&mut c, &mut vm, "PUT", "/snapshot/create", create).status(),
+            204
+        );
+        assert_eq!(vm.calls, ["snapshot /s /m", "snapshot /s /m"]);
+        assert_eq!(
+            run(&mut c, &mut vm, "PUT", "/snapshot/load", load).status(),
+            400
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Assembles a microVM, top to bottom: the resources checked into a [`VmConfig`] → memory → kernel and initrd → VM → device backends →
+//! Assembles a microVM (booted from a kernel, or restored from a snapshot), top to bottom: the resources checked into a [`VmConfig`] → memory → kernel and initrd → VM → device backends →
 //! console → devices (each registered in the device registry, which hands out its slot) → vCPUs
 //! → the rest of the interrupt controller → the command line announcing the registry's devices
 //! and the boot structures → the vCPUs' boot state. Every architecture-specific step is a call
@@ -13,13 +13,18 @@ use devices::mmds::{MmdsStack, MmdsStackConfig, SharedMmds};
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::{self, BootError, EntryPoint, HostQuirks, LoadedKernel, LoaderError};
+use std::sync::Arc;
+
+use crate::arch::{
+    self, BootError, EntryPoint, HostQuirks, LegacyState, LoadedKernel, LoaderError, StateCaps,
+};
 use crate::config::{ConfigError, ConsoleConfig, HostLimits, VmConfig};
 use crate::device_config::NetConfig;
 use crate::device_manager::{self, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
+use crate::persist::{MicrovmState, SnapshotError};
 use crate::resources::VmResources;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -60,6 +65,9 @@ pub enum BuildError {
     /// vCPUs.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A snapshot's state.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl BuildError {
@@ -148,28 +156,28 @@ fn mmds_stack(config: &VmConfig, net: &NetConfig, store: &SharedMmds) -> Option<
     })
 }
 
-/// Builds a ready-to-start microVM from `resources`, which it keeps as the description of
-/// what it built.
-pub fn build_microvm(
-    kvm: &Kvm,
-    resources: &VmResources,
-    mmds: &SharedMmds,
-    quirks: &HostQuirks,
-) -> Result<MicroVm, BuildError> {
-    let config = &resources.vm_config(HostLimits::of(kvm))?;
-    // Firecracker's boot time counts from the start of the build (InstanceStart being served).
-    let boot_timer = config.boot_timer.then(BootTimer::new);
-    let mem = memory::create_guest_memory(config.mem_bytes())?;
-    let kernel = arch::load_kernel(&mem, &config.kernel)?;
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| arch::place_initrd(&mem, path, config.mem_bytes(), &kernel))
-        .transpose()?;
-    check_cmdline_room(config, quirks)?;
+/// What every microVM is made of, booted or restored: the VM with its memory slots and
+/// interrupt controller, the devices on their buses, the event loop that runs them, the vCPUs.
+struct Assembled {
+    vm: Vm,
+    devices: DeviceManager,
+    event_loop: EventLoop,
+    vcpus: Vec<Vcpu>,
+}
 
+/// Creates the VM on `mem`, the devices `config` names (the legacy ones in their reset state,
+/// or `legacy_state`'s), the event loop and the vCPUs, and finishes the interrupt controller.
+fn assemble(
+    kvm: &Kvm,
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    mmds: &SharedMmds,
+    boot_timer: Option<BootTimer>,
+    legacy_state: Option<&LegacyState>,
+) -> Result<Assembled, BuildError> {
     let vm = Vm::new(kvm)?;
-    vm.register_memory(&mem)?;
+    vm.register_memory(mem)?;
+    let state_caps = Arc::new(StateCaps::of(kvm).map_err(SnapshotError::from)?);
 
     // Device backends (images, TAPs) first: a bad one is reported before anything is created,
     // the console file included.
@@ -209,25 +217,25 @@ pub fn build_microvm(
             },
             source,
         })?;
-    let mut devices = DeviceManager::new(&vm, console_out, config.console_limits())?;
+    let mut devices = DeviceManager::new(&vm, console_out, config.console_limits(), legacy_state)?;
     // The root drive is first in `config.drives`, so it gets the first slot and the name vda.
     for (drive, block) in config.drives.iter().zip(drives) {
         let id = drive.id.clone().unwrap_or_default();
-        devices.attach_virtio(&vm, &mem, id, block)?;
+        devices.attach_virtio(&vm, mem, id, block)?;
     }
     for (net_config, net) in config.nets.iter().zip(nets) {
         let id = net_config.id.clone().unwrap_or_default();
-        devices.attach_virtio(&vm, &mem, id, net)?;
+        devices.attach_virtio(&vm, mem, id, net)?;
     }
     if let Some(rng) = rng {
-        devices.attach_virtio(&vm, &mem, "rng".to_string(), rng)?;
+        devices.attach_virtio(&vm, mem, "rng".to_string(), rng)?;
     }
     if let Some((vsock, socket)) = vsock {
-        devices.attach_virtio(&vm, &mem, "vsock".to_string(), vsock)?;
+        devices.attach_virtio(&vm, mem, "vsock".to_string(), vsock)?;
         devices.vsock_socket = Some(socket);
     }
     if let Some(balloon) = balloon {
-        devices.attach_virtio(&vm, &mem, device_manager::BALLOON_ID.to_string(), balloon)?;
+        devices.attach_virtio(&vm, mem, device_manager::BALLOON_ID.to_string(), balloon)?;
     }
     if let Some(timer) = boot_timer {
         devices.attach_boot_timer(timer)?;
@@ -246,13 +254,43 @@ pub fn build_microvm(
                 devices.io_bus.clone(),
                 devices.mmio_bus.clone(),
                 mem.clone(),
+                state_caps.clone(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
     // Some interrupt controllers (arm64's GIC) can only be created once the vCPUs exist.
     vm.finish_irqchip(config.vcpus)?;
-    let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &devices)?;
-    for vcpu in &vcpus {
+    Ok(Assembled {
+        vm,
+        devices,
+        event_loop,
+        vcpus,
+    })
+}
+
+/// Builds a ready-to-start microVM from `resources`, which it keeps as the description of
+/// what it built.
+pub fn build_microvm(
+    kvm: &Kvm,
+    resources: &VmResources,
+    mmds: &SharedMmds,
+    quirks: &HostQuirks,
+) -> Result<MicroVm, BuildError> {
+    let config = &resources.vm_config(HostLimits::of(kvm))?;
+    // Firecracker's boot time counts from the start of the build (InstanceStart being served).
+    let boot_timer = config.boot_timer.then(BootTimer::new);
+    let mem = memory::create_guest_memory(config.mem_bytes())?;
+    let kernel = arch::load_kernel(&mem, &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| arch::place_initrd(&mem, path, config.mem_bytes(), &kernel))
+        .transpose()?;
+    check_cmdline_room(config, quirks)?;
+
+    let parts = assemble(kvm, config, &mem, mmds, boot_timer, None)?;
+    let entry = write_boot_tables(&mem, config, quirks, &kernel, initrd, &parts.devices)?;
+    for vcpu in &parts.vcpus {
         let refused = vcpu.configure(kvm, config.vcpus, entry)?;
         if vcpu.index() == 0 && !refused.is_empty() {
             let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
@@ -263,11 +301,47 @@ pub fn build_microvm(
         }
     }
     Ok(MicroVm::new(
-        vm,
+        parts.vm,
         mem,
-        devices,
-        event_loop,
-        vcpus,
+        parts.devices,
+        parts.event_loop,
+        parts.vcpus,
+        resources.clone(),
+    ))
+}
+
+/// Builds a microVM in a snapshot's `state`, on `mem` (the snapshot's memory, mapped), with
+/// the devices `resources` describes (the snapshot's configuration, with the load's
+/// overrides): the same VM, device for device and slot for slot, with its saved KVM, device
+/// and vCPU state. Nothing is loaded or written into guest memory.
+pub fn restore_microvm(
+    kvm: &Kvm,
+    resources: &VmResources,
+    mmds: &SharedMmds,
+    state: &MicrovmState,
+    mem: GuestMemoryMmap,
+) -> Result<MicroVm, BuildError> {
+    let config = &resources.vm_config(HostLimits::of(kvm))?;
+    if usize::from(config.vcpus) != state.vcpus.len() {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            config.vcpus
+        ))
+        .into());
+    }
+    let parts = assemble(kvm, config, &mem, mmds, None, Some(&state.legacy))?;
+    arch::restore_vm(parts.vm.fd(), &state.vm).map_err(SnapshotError::from)?;
+    parts.devices.restore_virtio(&state.virtio)?;
+    for (vcpu, saved) in parts.vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore(saved)?;
+    }
+    Ok(MicroVm::new(
+        parts.vm,
+        mem,
+        parts.devices,
+        parts.event_loop,
+        parts.vcpus,
         resources.clone(),
     ))
 }

@@ -24,6 +24,7 @@ pub mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod output_file;
+pub mod persist;
 pub mod personality;
 pub mod resources;
 pub mod seccomp;

@@ -23,7 +23,11 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use api::outcome::{VmmActionError, VmmOutcome};
 use api::routes::ApiRequest;
 
+use std::path::Path;
+
+use crate::arch;
 use crate::device_manager::DeviceManager;
+use crate::persist::{self, MicrovmState, SnapshotError};
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
 use crate::personality::Personality;
@@ -105,11 +109,37 @@ pub struct Vmm {
     /// What the VM was built from, kept up to date by every runtime change: the one
     /// description `GET /vm/config` reads after the start.
     resources: VmResources,
-    _vm: Vm,
+    vm: Vm,
     mem: GuestMemoryMmap,
+    _memory_handler: Option<std::fs::File>,
 }
 
 impl Vmm {
+    /// Saves the paused VM: its state to `snapshot_path`, guest memory to `mem_path` (see
+    /// [`crate::persist`]). The VM stays paused.
+    pub fn snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
+        if !self.paused {
+            return Err(SnapshotError::NotPaused);
+        }
+        let vcpus = persist::save_vcpus(self.handles.len(), |index, timeout| {
+            self.handles[index].requests.save_state(timeout)
+        })?;
+        let vm = arch::save_vm(self.vm.fd())?;
+        let legacy = self.devices.save_legacy();
+        let (virtio, memory) = self
+            .devices
+            .save_virtio(|| persist::memory::save(&self.mem, mem_path));
+        let state = MicrovmState {
+            vm_config: self.resources.full_config(),
+            memory: memory?,
+            vm,
+            vcpus,
+            legacy,
+            virtio,
+        };
+        persist::write_state(&state, snapshot_path)
+    }
+
     /// The VM's description as it stands (runtime changes included).
     pub fn resources(&self) -> &VmResources {
         &self.resources
@@ -239,8 +269,12 @@ pub struct MicroVm {
     event_loop: Option<EventLoop>,
     devices: DeviceManager,
     resources: VmResources,
+    /// The vCPUs stay paused once started (a snapshot loaded without `resume_vm`).
+    start_paused: bool,
     _vm: Vm,
     _mem: GuestMemoryMmap,
+    /// The userfaultfd guest memory is registered with, when a page-fault handler serves it.
+    memory_handler: Option<std::fs::File>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -262,8 +296,27 @@ impl MicroVm {
             event_loop: Some(event_loop),
             devices,
             resources,
+            start_paused: false,
             _vm: vm,
             _mem: mem,
+            memory_handler: None,
+        }
+    }
+
+    /// The microVM with the userfaultfd its memory's page-fault handler serves (kept open
+    /// while the VM lives).
+    pub fn with_memory_handler(self, uffd: std::fs::File) -> Self {
+        Self {
+            memory_handler: Some(uffd),
+            ..self
+        }
+    }
+
+    /// The microVM with its vCPUs left paused when it starts (`PATCH /vm` resumes them).
+    pub fn paused(self) -> Self {
+        Self {
+            start_paused: true,
+            ..self
         }
     }
 
@@ -343,17 +396,20 @@ impl MicroVm {
             stop_vcpus(&handles);
             return Err(e.into());
         }
-        for handle in &handles {
-            handle.requests.resume();
+        if !self.start_paused {
+            for handle in &handles {
+                handle.requests.resume();
+            }
         }
         Ok(Vmm {
             handles,
             event_loop,
             devices: self.devices,
-            paused: false,
+            paused: self.start_paused,
             resources: self.resources,
-            _vm: self._vm,
+            vm: self._vm,
             mem: self._mem,
+            _memory_handler: self.memory_handler.take(),
         })
     }
 

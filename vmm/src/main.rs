@@ -17,7 +17,7 @@ use api::outcome::{to_response, VmmActionError};
 use api::routes::parse_request;
 use clap::Parser;
 use devices::mmds::{MmdsStore, SharedMmds};
-use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd};
+use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd, StartRequest};
 use vmm::arch::HostQuirks;
 use vmm::cli::{Cli, Command, JailerCli, ObservabilityArgs, ProcessArgs, RunArgs};
 use vmm::config::ConsoleConfig;
@@ -222,10 +222,22 @@ fn serve(
     };
     let mut controller = ApiController::new(args.id, resources).with_mmds(mmds);
     let quirks = HostQuirks::detect();
-    let start =
-        |controller: &ApiController| controller.start(&kvm, &quirks).map_err(|e| e.to_string());
+    let start = |controller: &ApiController, request: &StartRequest| match request {
+        StartRequest::Boot => controller.start(&kvm, &quirks).map_err(|e| e.to_string()),
+        StartRequest::Load(params) => {
+            let started = std::time::Instant::now();
+            let microvm = controller
+                .load_snapshot(&kvm, params)
+                .map_err(|e| format!("Load snapshot error: {e}"))?;
+            METRICS
+                .latencies_us
+                .load_snapshot
+                .store(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            Ok(microvm)
+        }
+    };
     let microvm = if args.config_file.is_some() {
-        match start(&controller) {
+        match start(&controller, &StartRequest::Boot) {
             Ok(microvm) => microvm,
             Err(e) => return fail(EXIT_BAD_INPUT, e),
         }

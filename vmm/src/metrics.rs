@@ -299,6 +299,12 @@ pub struct LatencyMetrics {
     pub vmm_pause_vm: Gauge,
     /// How long the last resume took.
     pub vmm_resume_vm: Gauge,
+    /// How long the last Full snapshot took to create.
+    pub full_create_snapshot: Gauge,
+    /// How long the last Diff snapshot took to create.
+    pub diff_create_snapshot: Gauge,
+    /// How long the last snapshot load took.
+    pub load_snapshot: Gauge,
 }
 
 impl LatencyMetrics {
@@ -306,6 +312,9 @@ impl LatencyMetrics {
         Self {
             vmm_pause_vm: Gauge::new(),
             vmm_resume_vm: Gauge::new(),
+            full_create_snapshot: Gauge::new(),
+            diff_create_snapshot: Gauge::new(),
+            load_snapshot: Gauge::new(),
         }
     }
 
@@ -313,6 +322,9 @@ impl LatencyMetrics {
         group([
             ("vmm_pause_vm", self.vmm_pause_vm.get()),
             ("vmm_resume_vm", self.vmm_resume_vm.get()),
+            ("full_create_snapshot", self.full_create_snapshot.get()),
+            ("diff_create_snapshot", self.diff_create_snapshot.get()),
+            ("load_snapshot", self.load_snapshot.get()),
         ])
     }
 }

@@ -148,6 +148,19 @@ impl VmResources {
         }
     }
 
+    /// True once anything that only a boot uses has been configured: a snapshot load is then
+    /// refused (Firecracker's rule; the logger, metrics and console may be set first).
+    pub fn configured_for_boot(&self) -> bool {
+        self.boot_source.is_some()
+            || self.machine_config != MachineConfiguration::default()
+            || !self.drives.is_empty()
+            || !self.nets.is_empty()
+            || self.vsock.is_some()
+            || self.rng.is_some()
+            || self.balloon.is_some()
+            || self.mmds_config.is_some()
+    }
+
     /// `PUT /mmds/config`: every interface it names must be configured already.
     pub fn put_mmds_config(&mut self, config: MmdsConfig) -> Result<(), ResourceError> {
         if let Some(unknown) = config.network_interfaces.iter().find(|id| {

@@ -68,6 +68,8 @@ pub trait RunningVm {
     fn send_ctrl_alt_del(&self) -> Result<(), VmmError>;
     /// Writes a metrics line now.
     fn flush_metrics(&self) -> Result<(), VmmError>;
+    /// Saves the paused VM to a state file and a memory file.
+    fn create_snapshot(&mut self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError>;
     /// A drive's new backing file and/or rate limits (Firecracker's PATCH: buckets left out
     /// keep their settings).
     fn update_drive(
@@ -146,6 +148,11 @@ impl RunningVm for Vmm {
             Ok(()) | Err(MetricsError::NotConfigured) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn create_snapshot(&mut self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+        self.snapshot(snapshot_path, mem_path)
+            .map_err(|e| VmmError::Device(e.to_string()))
     }
 
     /// Gives drive `id` the image at `path` (the guest is told its capacity may have changed)

@@ -22,6 +22,7 @@ mod machine;
 mod mmds;
 mod net;
 mod serial;
+mod snapshot;
 mod vm_config;
 mod vsock;
 
@@ -46,8 +47,12 @@ pub use machine::{
     MAX_VCPUS,
 };
 pub use mmds::{MmdsConfig, MmdsVersion, DEFAULT_MMDS_IPV4};
-pub use net::{MacAddr, NetworkInterface, PartialNetworkInterface, IFNAMSIZ};
+pub use net::{is_tap_name, MacAddr, NetworkInterface, PartialNetworkInterface, IFNAMSIZ};
 pub use serial::SerialDevice;
+pub use snapshot::{
+    DriveOverride, MemoryBackend, MemoryBackendType, MemorySource, NetworkOverride,
+    SnapshotCreateParams, SnapshotHugePages, SnapshotLoadParams, SnapshotType, VsockOverride,
+};
 pub use vm_config::FullVmConfiguration;
 pub use vsock::Vsock;
 
@@ -183,6 +188,12 @@ pub enum ValidationError {
         /// The repeated ID.
         id: String,
     },
+    /// `PUT /snapshot/load` with neither `mem_file_path` nor `mem_backend` (Firecracker's text).
+    #[error("missing field: either `mem_backend` or `mem_file_path` is required")]
+    SnapshotNoMemSource,
+    /// `PUT /snapshot/load` with both (Firecracker's text).
+    #[error("too many fields: either `mem_backend` or `mem_file_path` exclusively is required")]
+    SnapshotTwoMemSources,
     /// `PUT /mmds/config` with no interface (Firecracker's text).
     #[error("The list of network interface IDs that allow forwarding MMDS requests is empty.")]
     MmdsNoInterfaces,

@@ -97,18 +97,24 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// True if `name` can name a Linux network interface: 1 to `IFNAMSIZ - 1` bytes without '/',
+/// NUL or whitespace.
+pub fn is_tap_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < IFNAMSIZ
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+}
+
 impl NetworkInterface {
     /// Checks the ID, the tap name, the MTU range and both rate limiters.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_id(&self.iface_id)?;
-        let name = &self.host_dev_name;
-        if name.is_empty()
-            || name.len() >= IFNAMSIZ
-            || name
-                .bytes()
-                .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
-        {
-            return Err(ValidationError::InvalidHostDevName { name: name.clone() });
+        if !is_tap_name(&self.host_dev_name) {
+            return Err(ValidationError::InvalidHostDevName {
+                name: self.host_dev_name.clone(),
+            });
         }
         if let Some(mtu) = self.mtu {
             if mtu < 68 {

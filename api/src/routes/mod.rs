@@ -12,7 +12,8 @@ use crate::models::{
     check_id, ActionType, ApiError, Balloon, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate,
     BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfiguration,
     MachineConfigurationPatch, Metrics, MmdsConfig, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SerialDevice, ValidationError, Vm, VmState, Vsock,
+    PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
+    ValidationError, Vm, VmState, Vsock,
 };
 
 #[cfg(test)]
@@ -74,6 +75,8 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/mmds", Some("mmds")),
     route("PATCH", "/mmds", Some("mmds")),
     route("PUT", "/mmds/config", None),
+    route("PUT", "/snapshot/create", None),
+    route("PUT", "/snapshot/load", None),
 ];
 
 /// One parsed and validated API request.
@@ -139,6 +142,10 @@ pub enum ApiRequest {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`.
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(Box<SnapshotLoadParams>),
 }
 
 /// Why a request was refused before reaching the VMM. Every variant answers HTTP 400, as
@@ -166,6 +173,9 @@ pub enum RequestError {
         /// The part of the path that is not known.
         path: String,
     },
+    /// `PUT /snapshot` without `create` or `load` (Firecracker's text).
+    #[error("Missing snapshot operation type.")]
+    MissingSnapshotOperation,
     /// A `PUT` without a body (Firecracker's text).
     #[error("Empty PUT request.")]
     EmptyPut,
@@ -323,6 +333,23 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             }),
         },
         ("PATCH", "mmds", true) => Ok(ApiRequest::PatchMmds(parse_body(body)?)),
+        ("PUT", "snapshot", true) => match id() {
+            Some("create") => {
+                let params: SnapshotCreateParams = parse_body(body)?;
+                params.validate()?;
+                Ok(ApiRequest::CreateSnapshot(params))
+            }
+            Some("load") => {
+                let params: SnapshotLoadParams = parse_body(body)?;
+                params.validate()?;
+                Ok(ApiRequest::LoadSnapshot(Box::new(params)))
+            }
+            Some(other) => Err(RequestError::InvalidPathMethod {
+                method: method.to_string(),
+                path: format!("/snapshot/{other}"),
+            }),
+            None => Err(RequestError::MissingSnapshotOperation),
+        },
         ("PUT", "entropy", true) => {
             let entropy: EntropyDevice = parse_body(body)?;
             entropy.validate()?;

@@ -180,6 +180,21 @@ fn sample<T: serde::Serialize + DeserializeOwned>(definition: &'static str, full
 }
 
 fn samples() -> Vec<Sample> {
+    let backend = MemoryBackend {
+        backend_type: MemoryBackendType::Uffd,
+        backend_path: "/u".into(),
+    };
+    let net_override = NetworkOverride {
+        iface_id: "eth0".into(),
+        host_dev_name: "tap0".into(),
+    };
+    let vsock_override = VsockOverride {
+        uds_path: "/v".into(),
+    };
+    let drive_override = DriveOverride {
+        drive_id: "d".into(),
+        path_on_host: "/d".into(),
+    };
     let bucket = TokenBucketConfig {
         size: 1,
         one_time_burst: Some(1),
@@ -387,6 +402,34 @@ fn samples() -> Vec<Sample> {
             },
         ),
         sample("MmdsConfig", mmds),
+        sample(
+            "SnapshotCreateParams",
+            SnapshotCreateParams {
+                mem_file_path: "/m".into(),
+                snapshot_path: "/s".into(),
+                snapshot_type: SnapshotType::Diff,
+            },
+        ),
+        sample("MemoryBackend", backend.clone()),
+        sample("NetworkOverride", net_override.clone()),
+        sample("VsockOverride", vsock_override.clone()),
+        sample("DriveOverride", drive_override.clone()),
+        sample(
+            "SnapshotLoadParams",
+            SnapshotLoadParams {
+                snapshot_path: "/s".into(),
+                mem_file_path: Some("/m".into()),
+                mem_backend: Some(backend),
+                enable_diff_snapshots: true,
+                track_dirty_pages: true,
+                resume_vm: true,
+                network_overrides: vec![net_override],
+                vsock_override: Some(vsock_override),
+                clock_realtime: true,
+                huge_pages: SnapshotHugePages::None,
+                drive_overrides: vec![drive_override],
+            },
+        ),
     ]
 }
 

@@ -538,10 +538,8 @@ fn unknown_paths_and_methods() {
             "{method} {path}"
         );
     }
-    // Firecracker's snapshot, MMDS, CPU config, pmem and hotplug routes are not served.
+    // Firecracker's CPU config, pmem and hotplug routes are not served.
     for (method, path) in [
-        ("PUT", "/snapshot/create"),
-        ("PUT", "/snapshot/load"),
         ("PUT", "/cpu-config"),
         ("PUT", "/pmem/p0"),
         ("PUT", "/hotplug/memory"),
@@ -655,6 +653,8 @@ fn every_route_parses() {
             ("PATCH", "/balloon/hinting/stop") => "",
             ("PUT", "/mmds") | ("PATCH", "/mmds") => r#"{"latest":{"meta-data":{}}}"#,
             ("PUT", "/mmds/config") => r#"{"network_interfaces":["eth0"]}"#,
+            ("PUT", "/snapshot/create") => r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
+            ("PUT", "/snapshot/load") => r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
             _ => panic!("no sample body for {method} {template}"),
         };
         (
@@ -778,4 +778,36 @@ fn mmds_routes() {
         r#"{"network_interfaces":["eth0"],"ipv4_address":"192.168.0.1"}"#
     )
     .contains("link local"));
+}
+
+#[test]
+fn snapshot_routes_parse_their_bodies() {
+    let create = ok(
+        "PUT",
+        "/snapshot/create",
+        r#"{"snapshot_path":"/s","mem_file_path":"/m","snapshot_type":"Full"}"#,
+    );
+    assert!(matches!(create, ApiRequest::CreateSnapshot(p) if p.snapshot_path.to_str() == Some("/s")));
+    let load = ok(
+        "PUT",
+        "/snapshot/load",
+        r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"},"resume_vm":true}"#,
+    );
+    assert!(matches!(load, ApiRequest::LoadSnapshot(p) if p.resume_vm));
+    assert_eq!(
+        message("PUT", "/snapshot/load", r#"{"snapshot_path":"/s"}"#),
+        "missing field: either `mem_backend` or `mem_file_path` is required"
+    );
+    assert_eq!(
+        message("PUT", "/snapshot", "{}"),
+        "Missing snapshot operation type."
+    );
+    assert_eq!(
+        message("PUT", "/snapshot/other", "{}"),
+        "Invalid request method and/or path: PUT /snapshot/other."
+    );
+    assert!(matches!(
+        err("PUT", "/snapshot/create", r#"{"snapshot_path":"/s"}"#),
+        RequestError::Json(_)
+    ));
 }

@@ -140,6 +140,20 @@ impl CmosRtc {
         }
     }
 
+    /// What a snapshot keeps of the clock: its index register and NVRAM (the time is the
+    /// host's, read at each access).
+    pub fn save(&self) -> (u8, Vec<u8>) {
+        (self.index, self.nvram.to_vec())
+    }
+
+    /// Takes back what [`Self::save`] gave; NVRAM of another size is ignored.
+    pub fn restore(&mut self, index: u8, nvram: &[u8]) {
+        self.index = index & 0x7f;
+        if let Ok(nvram) = <[u8; 128]>::try_from(nvram) {
+            self.nvram = nvram;
+        }
+    }
+
     fn encode(&self, value: u8) -> u8 {
         if self.nvram[usize::from(reg::STATUS_B)] & STATUS_B_BINARY != 0 {
             value

@@ -304,6 +304,18 @@ impl I8042 {
         }
     }
 
+    /// What a snapshot keeps of the controller: the guest's configuration byte and output port
+    /// (unread keyboard bytes and half-given commands are not kept).
+    pub fn save(&self) -> [u8; 2] {
+        [self.ctr, self.output_port]
+    }
+
+    /// Takes back what [`Self::save`] gave.
+    pub fn restore(&mut self, [ctr, output_port]: [u8; 2]) {
+        self.ctr = ctr;
+        self.output_port = output_port;
+    }
+
     /// The counters so far.
     pub fn counters(&self) -> I8042Counters {
         self.counters

@@ -17,7 +17,10 @@ pub use boot_timer::{process_cpu_time, BootTime, BootTimer, BOOT_TIMER_LEN, BOOT
 pub use cmos::{CivilTime, CmosRtc, CMOS_PORT_BASE, CMOS_PORT_LEN};
 pub use i8042::{I8042Error, I8042};
 pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{ConsoleCounters, OutputLimits, SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use serial::{
+    ConsoleCounters, OutputLimits, SerialConsole, SerialConsoleState, SERIAL_PORT_BASE,
+    SERIAL_PORT_LEN,
+};
 
 use vmm_sys_util::eventfd::EventFd;
 

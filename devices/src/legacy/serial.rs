@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use super::EventFdTrigger;
@@ -22,6 +23,8 @@ use crate::BusDevice;
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 /// A 16550 decodes eight ports.
 pub const SERIAL_PORT_LEN: u64 = 8;
+/// vm-superio's receive FIFO (64 bytes): more saved input than this cannot be restored.
+const UART_FIFO_SIZE: usize = 64;
 
 /// How much of the guest's console output may reach its sink.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,6 +145,30 @@ pub struct SerialConsole {
     counters: Arc<ConsoleCounters>,
 }
 
+/// The UART's registers and unread input, for a snapshot (vm-superio's `SerialState` as plain
+/// serde data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    /// Divisor latch, low and high bytes.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt Enable Register.
+    pub interrupt_enable: u8,
+    /// Interrupt Identification Register.
+    pub interrupt_identification: u8,
+    /// Line Control Register.
+    pub line_control: u8,
+    /// Line Status Register.
+    pub line_status: u8,
+    /// Modem Control Register.
+    pub modem_control: u8,
+    /// Modem Status Register.
+    pub modem_status: u8,
+    /// Scratch Register.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     /// Creates a UART that raises its interrupt through `irq` and writes guest output to `out`
     /// within `limits`.
@@ -150,6 +177,51 @@ impl SerialConsole {
         Self {
             uart: Serial::new(irq, LimitedOutput::new(out, limits, counters.clone())),
             counters,
+        }
+    }
+
+    /// Like [`Self::new`], with the registers of a snapshot's UART (raising its interrupt if
+    /// they say one is due). Input longer than the UART's FIFO is cut to it.
+    pub fn from_state(
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        limits: OutputLimits,
+        state: &SerialConsoleState,
+    ) -> io::Result<Self> {
+        let counters = Arc::new(ConsoleCounters::default());
+        let mut in_buffer = state.in_buffer.clone();
+        in_buffer.truncate(UART_FIFO_SIZE);
+        let registers = SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer,
+        };
+        let out = LimitedOutput::new(out, limits, counters.clone());
+        let uart = Serial::from_state(&registers, irq, NoEvents, out)
+            .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
+        Ok(Self { uart, counters })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn save(&self) -> SerialConsoleState {
+        let state = self.uart.state();
+        SerialConsoleState {
+            baud_divisor: [state.baud_divisor_low, state.baud_divisor_high],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
         }
     }
 

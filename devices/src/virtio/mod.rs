@@ -123,6 +123,12 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
+    /// Sets the InterruptStatus register to a saved value without raising the interrupt again
+    /// (a snapshot's interrupt controller state already holds whether it is pending).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+    }
+
     /// Clears every bit and the reset request (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -208,11 +214,60 @@ pub trait VirtioDevice: Send + std::any::Any {
     fn is_activated(&self) -> bool;
     /// Every counter since the device was created, under Firecracker's metric field names.
     fn metric_values(&self) -> Vec<(&'static str, u64)>;
+    /// Each live queue's position, in queue order; empty when the device is not activated. A
+    /// chain the device holds unanswered is not counted as taken ([`QueuePosition::giving_back`]).
+    fn queue_positions(&self) -> Vec<QueuePosition>;
+    /// The device's own state for a snapshot, beyond its configuration (which the VM's
+    /// description holds) and its queues (which the transport saves): JSON, `null` for none.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what [`Self::save_state`] gave, once the transport has activated the restored
+    /// device (when the snapshot's driver had). A value the device cannot use is an error.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// Counters the device keeps for a service it carries, each under Firecracker's top-level
     /// group for it (a network interface's MMDS: `mmds`); summed over the devices that report
     /// the group.
     fn service_metric_groups(&self) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
         Vec::new()
+    }
+}
+
+/// A live queue's progress, the part of its state the device alone advances: what a snapshot
+/// saves of it beside the transport's [`mmio::QueueRegisters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// The next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// Where `queue` stands.
+    pub fn of(queue: &Queue) -> Self {
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
+
+    /// Where `queue` stands with the last `held` chains it took given back: a device that holds
+    /// chains unanswered (the balloon's statistics buffer) saves this, so the restored device
+    /// takes them again from the ring.
+    pub fn giving_back(queue: &Queue, held: u16) -> Self {
+        Self {
+            next_avail: queue.next_avail().wrapping_sub(held),
+            next_used: queue.next_used(),
+        }
+    }
+
+    /// Puts `queue` at this position.
+    pub fn apply(&self, queue: &mut Queue) {
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
     }
 }
 

@@ -15,7 +15,9 @@
 //!   device) and how the guest learns of the virtio devices (`announce_devices`,
 //!   `announcement_room`);
 //! - the boot structures: `choose_entry` and `configure_system`;
-//! - `HostQuirks`: what the guest needs on this kind of host (nested KVM through PVM on x86).
+//! - `HostQuirks`: what the guest needs on this kind of host (nested KVM through PVM on x86);
+//! - snapshots: `VcpuState` and `VmState` (plain data, serde), `save_vcpu` / `restore_vcpu`,
+//!   `save_vm` / `restore_vm`, and `StateCaps` (what the host's KVM can save), `StateError`.
 //!
 //! `x86_64` is the one implementation today; the data-only pieces (layout, e820, GDT, page
 //! tables, MP table, CPUID normalization) are plain code with unit tests.
@@ -27,8 +29,9 @@ pub mod x86_64;
 pub use self::x86_64::{
     announce_devices, announcement_room, build_cmdline, choose_entry, configure_system,
     configure_vcpu, create_irqchip, finish_irqchip, instruction_at_pc, layout, load_cmdline,
-    load_kernel, place_initrd, program_counter, BootError, EntryPoint, HostQuirks, LegacyDevices,
-    LoadedKernel, LoaderError, VcpuConfigError, MAX_VCPUS, REQUIRED_CAPS,
+    load_kernel, place_initrd, program_counter, restore_vcpu, restore_vm, save_vcpu, save_vm,
+    BootError, EntryPoint, HostQuirks, LegacyDevices, LegacyState, LoadedKernel, LoaderError, StateCaps,
+    StateError, VcpuConfigError, VcpuState, VmState, MAX_VCPUS, REQUIRED_CAPS,
 };
 
 /// A KVM ioctl that failed during set-up, with its name.

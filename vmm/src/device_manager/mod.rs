@@ -15,7 +15,9 @@ use devices::legacy::{OutputLimits, SerialConsole};
 use devices::mmds::MmdsStack;
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::{
+    lock as lock_device, MmioTransport, RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
 use devices::virtio::net::{Net, NetDeviceConfig, NetError, Tap, TapError};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
@@ -27,7 +29,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::{BOOT_TIMER_ADDR, FIRST_DEVICE_GSI, LAST_DEVICE_GSI, VIRTIO_MMIO_START};
-use crate::arch::LegacyDevices;
+use crate::arch::{LegacyDevices, LegacyState};
+use crate::persist::VirtioDeviceState;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use crate::vstate::vm::Vm;
 
@@ -137,6 +140,23 @@ pub enum DeviceError {
     /// The balloon device could not be set up.
     #[error("balloon device: {0}")]
     Balloon(#[source] BalloonError),
+    /// A snapshot's devices are not the ones its configuration builds.
+    #[error("the snapshot's devices ({saved}) are not the configured ones ({built})")]
+    SnapshotDevices {
+        /// The saved devices' ids, in slot order.
+        saved: String,
+        /// The built devices' ids, in slot order.
+        built: String,
+    },
+    /// A snapshot's device state could not be restored.
+    #[error("restoring device {id}: {source}")]
+    Restore {
+        /// The device's id.
+        id: String,
+        /// Why.
+        #[source]
+        source: RestoreError,
+    },
 }
 
 impl DeviceError {
@@ -176,18 +196,27 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Creates the architecture's legacy devices, the console writing to `console_out`.
+    /// Creates the architecture's legacy devices, the console writing to `console_out`, in
+    /// their reset state or a snapshot's `legacy_state`.
     pub fn new(
         vm: &Vm,
         console_out: Box<dyn Write + Send>,
         console_limits: OutputLimits,
+        legacy_state: Option<&LegacyState>,
     ) -> Result<Self, DeviceError> {
         let mut io_bus = Bus::new();
         // Blocking: the VMM's reset watcher waits on it.
         let reset_evt = EventFd::new(0).map_err(DeviceError::EventFd)?;
         let reset_trigger = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
         let legacy =
-            LegacyDevices::attach(vm, &mut io_bus, console_out, console_limits, reset_trigger)?;
+        LegacyDevices::attach(
+            vm,
+            &mut io_bus,
+            console_out,
+            console_limits,
+            reset_trigger,
+            legacy_state,
+        )?;
         let console = legacy.console.clone();
         let mut registry = DeviceRegistry::new(console.clone());
         for (name, source) in legacy.metric_sources() {
@@ -259,6 +288,54 @@ impl DeviceManager {
 }
 
 impl DeviceManager {
+    /// The legacy devices' state, for a snapshot.
+    pub fn save_legacy(&self) -> LegacyState {
+        self.legacy.save()
+    }
+
+    /// Every virtio device's state, in slot order, for a snapshot; `during` runs while every
+    /// device is locked, so no device's data path changes guest memory or a queue until it
+    /// returns (the snapshot saves guest memory there).
+    pub fn save_virtio<T>(&self, during: impl FnOnce() -> T) -> (Vec<VirtioDeviceState>, T) {
+        let entries = self.registry.virtio_devices();
+        let devices: Vec<_> = entries.iter().map(|e| lock_device(&e.device)).collect();
+        let states = entries
+            .iter()
+            .zip(&devices)
+            .map(|(entry, device)| VirtioDeviceState {
+                id: entry.id.clone(),
+                transport: locked(&entry.transport).save_with(&**device),
+            })
+            .collect();
+        let result = during();
+        drop(devices);
+        (states, result)
+    }
+
+    /// Puts the virtio devices, attached from the snapshot's configuration, in their saved
+    /// state. The saved devices must be the attached ones, slot for slot.
+    pub fn restore_virtio(&self, saved: &[VirtioDeviceState]) -> Result<(), DeviceError> {
+        let entries = self.registry.virtio_devices();
+        let same = entries.len() == saved.len()
+            && entries.iter().zip(saved).all(|(e, s)| e.id == s.id);
+        if !same {
+            let ids = |ids: Vec<&str>| ids.join(", ");
+            return Err(DeviceError::SnapshotDevices {
+                saved: ids(saved.iter().map(|s| s.id.as_str()).collect()),
+                built: ids(entries.iter().map(|e| e.id.as_str()).collect()),
+            });
+        }
+        for (entry, state) in entries.iter().zip(saved) {
+            locked(&entry.transport)
+                .restore(&state.transport)
+                .map_err(|source| DeviceError::Restore {
+                    id: entry.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Puts Firecracker's boot-timer device at [`BOOT_TIMER_ADDR`] on the MMIO bus, below the
     /// virtio windows and never over RAM. Call before the vCPUs are created: each takes a copy
     /// of the bus.

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use devices::Bus;
@@ -16,7 +16,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use super::vm::Vm;
-use crate::arch::{self, EntryPoint, VcpuConfigError};
+use crate::arch::{self, EntryPoint, StateCaps, StateError, VcpuConfigError, VcpuState};
 use crate::metrics::METRICS;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -48,6 +48,15 @@ pub enum VcpuError {
     /// The guest stopped in a way that is not a clean reset or power-off.
     #[error("{0}")]
     Fatal(FatalExit),
+    /// The vCPU's state could not be saved or restored.
+    #[error("vCPU {cpu}: {source}")]
+    State {
+        /// The vCPU's index.
+        cpu: u8,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
 }
 
 /// A vCPU exit the VMM cannot continue from, with what is known of where the guest was.
@@ -152,6 +161,12 @@ pub struct VcpuRequests {
     pub stop: AtomicBool,
     /// Stay out of KVM_RUN until cleared (the VM is paused).
     pub pause: AtomicBool,
+    /// Save the vCPU's state (asked of a paused vCPU, by [`Self::save_state`]).
+    save: AtomicBool,
+    /// The saved state, until [`Self::save_state`] takes it.
+    saved: Mutex<Option<Result<VcpuState, String>>>,
+    /// Signalled when `saved` is filled.
+    saved_changed: Condvar,
     /// True while the vCPU is parked for a pause; guarded so [`Self::wait_parked`] can wait for it.
     parked: Mutex<bool>,
     /// Signalled when `parked` changes or the pause or stop flags are changed.
@@ -166,7 +181,10 @@ impl VcpuRequests {
         };
         *parked = true;
         self.changed.notify_all();
-        while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+        while self.pause.load(Ordering::Acquire)
+            && !self.stop.load(Ordering::Acquire)
+            && !self.save.load(Ordering::Acquire)
+        {
             parked = match self.changed.wait(parked) {
                 Ok(guard) => guard,
                 Err(_) => return,
@@ -192,6 +210,41 @@ impl VcpuRequests {
         self.pause.store(false, Ordering::Release);
         if let Ok(_guard) = self.parked.lock() {
             self.changed.notify_all();
+        }
+    }
+
+    /// Asks the vCPU (paused, or about to park) for its state and waits up to `timeout` for it.
+    /// The vCPU saves it on its own thread, the only one that may use its fd, and parks again.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, String> {
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = None;
+        }
+        self.save.store(true, Ordering::Release);
+        if let Ok(_guard) = self.parked.lock() {
+            self.changed.notify_all();
+        }
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| "the vCPU's state lock is poisoned".to_string())?;
+        let (mut saved, _) = self
+            .saved_changed
+            .wait_timeout_while(saved, timeout, |saved| saved.is_none())
+            .map_err(|_| "the vCPU's state lock is poisoned".to_string())?;
+        saved
+            .take()
+            .unwrap_or_else(|| Err(format!("the vCPU did not save its state within {timeout:?}")))
+    }
+
+    /// The vCPU's side of [`Self::save_state`]: saves with `save` if asked to.
+    fn serve_save(&self, save: impl FnOnce() -> Result<VcpuState, String>) {
+        if !self.save.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let result = save();
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some(result);
+            self.saved_changed.notify_all();
         }
     }
 
@@ -234,6 +287,7 @@ impl StuckDetector {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    state_caps: Arc<StateCaps>,
     io_bus: Bus,
     mmio_bus: Bus,
     mem: GuestMemoryMmap,
@@ -241,13 +295,14 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `vm`.
+    /// Creates vCPU `index` of `vm`; `state_caps` says what a snapshot saves of it.
     pub fn new(
         vm: &Vm,
         index: u8,
         io_bus: Bus,
         mmio_bus: Bus,
         mem: GuestMemoryMmap,
+        state_caps: Arc<StateCaps>,
     ) -> Result<Self, VcpuError> {
         let fd = super::retry_interrupted(|| vm.fd().create_vcpu(u64::from(index))).map_err(
             |source| VcpuError::Kvm {
@@ -259,6 +314,7 @@ impl Vcpu {
         Ok(Self {
             index,
             fd,
+            state_caps,
             io_bus,
             mmio_bus,
             mem,
@@ -279,6 +335,32 @@ impl Vcpu {
                 cpu: self.index,
                 source,
             }
+        })
+    }
+
+    /// Puts the vCPU in a saved state (a snapshot's), instead of its boot state.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        arch::restore_vcpu(&self.state_caps, &self.fd, state).map_err(|source| {
+            VcpuError::State {
+                cpu: self.index,
+                source,
+            }
+        })
+    }
+
+    /// The vCPU's state, for a snapshot. Call on the vCPU's own thread, between runs.
+    ///
+    /// An I/O exit the VMM answered is completed by KVM only on the next KVM_RUN (the data
+    /// lands in a register, the instruction pointer moves past the access): one KVM_RUN with
+    /// `immediate_exit` set does that without running the guest, so the saved state is not
+    /// caught halfway through an instruction.
+    pub fn save(&mut self) -> Result<VcpuState, VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        arch::save_vcpu(&self.state_caps, &self.fd).map_err(|source| VcpuError::State {
+            cpu: self.index,
+            source,
         })
     }
 
@@ -375,6 +457,7 @@ impl Vcpu {
                 let sample = self.sample();
                 on_sample(self.index, &sample);
             }
+            requests.serve_save(|| self.save().map_err(|e| e.to_string()));
             if requests.pause.load(Ordering::Acquire) {
                 requests.park_while_paused();
                 continue;

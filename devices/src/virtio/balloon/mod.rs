@@ -825,6 +825,34 @@ impl VirtioDevice for Balloon {
         self.active.is_some()
     }
 
+    fn queue_positions(&self) -> Vec<super::QueuePosition> {
+        let held = u16::from(self.held_stats.is_some());
+        self.active
+            .iter()
+            .flat_map(|a| &a.queues)
+            .map(|(role, queue)| match role {
+                // The held statistics buffer is given back: the restored device takes it again
+                // and answers it at its next poll.
+                QueueRole::Stats => super::QueuePosition::giving_back(queue, held),
+                _ => super::QueuePosition::of(queue),
+            })
+            .collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "actual_pages": self.actual_pages })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let actual = state
+            .get("actual_pages")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|pages| u32::try_from(pages).ok())
+            .ok_or_else(|| format!("balloon state without a valid actual_pages: {state}"))?;
+        self.actual_pages = actual;
+        Ok(())
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters())
     }

@@ -601,6 +601,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active.is_some()
     }
 
+    fn queue_positions(&self) -> Vec<super::QueuePosition> {
+        self.active
+            .iter()
+            .flat_map(|a| [&a.rx_queue, &a.tx_queue])
+            .map(super::QueuePosition::of)
+            .collect()
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters())
     }

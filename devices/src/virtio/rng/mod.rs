@@ -207,6 +207,13 @@ impl VirtioDevice for Rng {
         self.active.is_some()
     }
 
+    fn queue_positions(&self) -> Vec<super::QueuePosition> {
+        self.active
+            .iter()
+            .map(|a| super::QueuePosition::of(&a.queue))
+            .collect()
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters())
     }

@@ -1,8 +1,8 @@
 //! virtio-vsock (virtio 1.x, 5.10) with Firecracker's hybrid Unix-socket host side.
 //!
 //! Queues: [`RX_QUEUE`] carries packets to the guest, [`TX_QUEUE`] packets from it, and
-//! [`EVENT_QUEUE`] is for transport events, which this device never sends (they only matter
-//! after a snapshot restore). Only stream sockets are offered. The host side lives in
+//! [`EVENT_QUEUE`] is for transport events: the one this device sends is the transport reset
+//! of a restored snapshot, whose host connections are gone. Only stream sockets are offered. The host side lives in
 //! [`muxer`]: see there for the Unix-socket protocol and its bounds, and `connection.rs` for
 //! each stream's state machine and credit accounting.
 //!
@@ -88,8 +88,8 @@ struct Active {
     interrupt: Arc<Interrupt>,
     rx_queue: Queue,
     tx_queue: Queue,
-    /// Held so the guest's event buffers stay the device's; nothing is ever sent on it.
-    _event_queue: Queue,
+    /// The guest's event buffers: a restored device sends its transport reset here.
+    event_queue: Queue,
 }
 
 impl ActiveState for Active {
@@ -295,7 +295,7 @@ impl VirtioDevice for Vsock {
             interrupt,
             rx_queue,
             tx_queue,
-            _event_queue: event_queue,
+            event_queue,
         });
         self.common.wake_on_activation()
     }
@@ -310,6 +310,35 @@ impl VirtioDevice for Vsock {
         self.active.is_some()
     }
 
+    fn queue_positions(&self) -> Vec<super::QueuePosition> {
+        self.active
+            .iter()
+            .flat_map(|a| [&a.rx_queue, &a.tx_queue, &a.event_queue])
+            .map(super::QueuePosition::of)
+            .collect()
+    }
+
+    /// Host connections do not survive a snapshot: the guest is told its transport was reset
+    /// (virtio 1.2, 5.10.6.6), so it drops its connections and reads its CID again; new
+    /// connections work as before.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let sent = send_transport_reset(&mut active.event_queue, &active.mem)
+            .map_err(|e| format!("sending the transport reset event: {e}"))?;
+        if sent {
+            active.interrupt.signal_used_queue();
+        } else {
+            log::warn!(
+                "{}: the guest left no event buffer; its connections from before the snapshot \
+                 stay open until they time out",
+                self.log_name
+            );
+        }
+        Ok(())
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters(), self.guest_errors())
     }
@@ -319,3 +348,22 @@ impl VirtioDevice for Vsock {
 mod test_support;
 #[cfg(test)]
 mod tests;
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2, 5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Puts one transport-reset event (`struct virtio_vsock_event { le32 id; }`) in the guest's
+/// next event buffer; false if the guest left none.
+fn send_transport_reset(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let Some(chain) = super::pop_chain(queue, mem)? else {
+        return Ok(false);
+    };
+    let head = chain.head_index();
+    let mut writer = Writer::new(mem, chain)?;
+    let written = std::io::Write::write(&mut writer, &EVENT_TRANSPORT_RESET.to_le_bytes())?;
+    queue.add_used(mem, head, u32::try_from(written)?)?;
+    Ok(true)
+}
