@@ -1,13 +1,13 @@
 //! End to end: virtio-balloon through Firecracker's API with the real default guest (one boot).
 //!
-//! A 128 MiB guest with a balloon (statistics every second) fills 80 MiB of a tmpfs and frees
-//! it, so Kiln's guest-memory mapping holds those pages. Inflating the balloon to 64 MiB must
+//! A 256 MiB guest with a balloon (statistics every second) fills 200 MiB of a tmpfs and frees
+//! it, so Kiln's guest-memory mapping holds those pages. Inflating the balloon to 160 MiB must
 //! give them back to the host: the mapping's RSS (its `/proc/PID/smaps` entry) drops by at least
-//! 40 MiB, the guest's MemTotal drops by the balloon's size, and `GET /balloon/statistics`
+//! 100 MiB, the guest's MemTotal drops by the balloon's size, and `GET /balloon/statistics`
 //! serves the guest's figures. Deflating it to 0 gives the memory back to the guest, which then
-//! fills 64 MiB: more than it had with the balloon inflated. (Filling costs minutes here: the
-//! guest kernel's copies run through the instruction emulator, about 0.6 MiB/s; hence the small
-//! sizes.)
+//! fills 128 MiB: more than it had with the balloon inflated. (Filling costs minutes here: the
+//! guest kernel's copies run through the instruction emulator, about 0.6-1 MiB/s, so this one
+//! boot takes several minutes of the test command.)
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -21,13 +21,13 @@ use kiln_tests::{
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
-const GUEST_MIB: u64 = 128;
-const FILL_MIB: u64 = 80;
-const BALLOON_MIB: u64 = 64;
-/// The fill after deflating: more than the guest has free while the balloon holds 64 MiB.
-const REFILL_MIB: u64 = 64;
+const GUEST_MIB: u64 = 256;
+const FILL_MIB: u64 = 200;
+const BALLOON_MIB: u64 = 160;
+/// The fill after deflating: more than the guest has free while the balloon holds 160 MiB.
+const REFILL_MIB: u64 = 128;
 /// How much of the filled memory inflating must hand back to the host.
-const RETURNED_MIB: u64 = 40;
+const RETURNED_MIB: u64 = 100;
 
 /// Fills and frees FILL_MIB, then waits for MemTotal to drop by most of the balloon (inflated),
 /// then to come back (deflated), and fills REFILL_MIB.
