@@ -12,3 +12,11 @@ pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory as every part of Kiln sees it: vm-memory's mmap-backed memory with a dirty-page
+/// bitmap. Every write through vm-memory (a device filling a buffer, a used ring, the loader)
+/// marks its pages, which is how a Diff snapshot finds the pages the VMM wrote (KVM's dirty log
+/// finds the guest's).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;

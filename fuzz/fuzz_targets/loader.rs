@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 
 use kiln_fuzz::{scratch_path, Input};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use devices::GuestMemoryMmap;
 use vmm::arch::x86_64::loader::{build_cmdline, load_cmdline, load_initrd, load_kernel};
 
 /// Guest memory: 32 MiB, one region, shared by every run in this process (the loaders only

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use devices::virtio::{features, Interrupt, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Reads the fuzz input front to back; past its end every number reads as zero and every slice
@@ -96,7 +97,7 @@ const USED_OFFSET: u64 = 0x140;
 
 /// [`MEM_SIZE`] bytes of guest memory holding `image` from address 0 (cut to fit), zeros after it.
 pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
         .expect("anonymous guest memory");
     let image = &image[..image.len().min(MEM_SIZE)];
     mem.write_slice(image, GuestAddress(0))

@@ -11,6 +11,7 @@ pub use vmm::test_elf::tiny_elf;
 
 pub mod bench;
 pub mod seccomp_log;
+pub mod uffd_handler;
 pub mod vsock_proto;
 
 /// The kiln binary: `$KILN_BIN`, or `kiln` in the target directory these tests were built into

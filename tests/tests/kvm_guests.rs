@@ -63,7 +63,7 @@ struct TinyGuest {
     // Kept alive for the vCPU.
     vm: Vm,
     vcpu: Vcpu,
-    mem: vm_memory::GuestMemoryMmap,
+    mem: devices::GuestMemoryMmap,
 }
 
 fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> TinyGuest {
@@ -79,8 +79,8 @@ fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> Tin
     })
     .unwrap();
     write_zero_page(&mem, &params).unwrap();
-    let vm = Vm::new(&kvm).unwrap();
-    vm.register_memory(&mem).unwrap();
+    let mut vm = Vm::new(&kvm).unwrap();
+    vm.register_memory(&mem, true).unwrap();
     let caps = Arc::new(StateCaps::of(&kvm).unwrap());
     let vcpu = Vcpu::new(&vm, 0, io_bus, mmio_bus, mem.clone(), caps).unwrap();
     vcpu.configure(&kvm, 1, entry).unwrap();
@@ -326,18 +326,23 @@ fn a_saved_vcpu_goes_on_where_it_stopped_in_a_new_vm() {
     let (mut guest, values) =
         run_reporting_guest(code, EntryPoint::Linux64(CODE_ADDR), Bus::new(), 3);
     assert_eq!(values, [1, 2, 3]);
+    // KVM logged the guest's write to the counter's page (page 2 of the first region).
+    let dirty = guest.vm.take_dirty_log(&guest.mem).unwrap();
+    assert_ne!(dirty[0][0] & (1 << 2), 0, "dirty log {:x?}", &dirty[0][..1]);
     let vcpu_state = guest.vcpu.save().unwrap();
     let vm_state = vmm::arch::save_vm(guest.vm.fd()).unwrap();
     let dir = kiln_tests::scratch_dir("kvm-snapshot");
     let mem_path = dir.join("mem");
-    let layout = vmm::persist::memory::save(&guest.mem, &mem_path).unwrap();
+    let layout =
+        vmm::persist::memory::save(&guest.mem, &mem_path, vmm::persist::memory::Pages::All)
+            .unwrap();
     drop(guest);
 
     let kvm = open_kvm().unwrap();
     let mem = vmm::persist::memory::restore_from_file(&mem_path, &layout).unwrap();
     assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 3);
-    let vm = Vm::new(&kvm).unwrap();
-    vm.register_memory(&mem).unwrap();
+    let mut vm = Vm::new(&kvm).unwrap();
+    vm.register_memory(&mem, false).unwrap();
     let reporter = Arc::new(Mutex::new(Reporter::default()));
     let mut io_bus = Bus::new();
     io_bus
@@ -346,8 +351,10 @@ fn a_saved_vcpu_goes_on_where_it_stopped_in_a_new_vm() {
     let caps = Arc::new(StateCaps::of(&kvm).unwrap());
     let mut vcpu = Vcpu::new(&vm, 0, io_bus, Bus::new(), mem.clone(), caps).unwrap();
     vcpu.restore(&vcpu_state).unwrap();
-    vmm::arch::restore_vm(vm.fd(), &vm_state).unwrap();
-    run_until(&mut vcpu, 100, || reporter.lock().unwrap().values.len() == 2);
+    vmm::arch::restore_vm(vm.fd(), &vm_state, false).unwrap();
+    run_until(&mut vcpu, 100, || {
+        reporter.lock().unwrap().values.len() == 2
+    });
     assert_eq!(reporter.lock().unwrap().values, [4, 5]);
     assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 5);
     // The memory file is the snapshot's: the restored VM's writes stayed private.

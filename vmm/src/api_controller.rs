@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use api::models::{
     ActionType, FirecrackerVersion, InstanceInfo, InstanceState, MemoryBackendType,
-    SnapshotLoadParams, VmState,
+    SnapshotLoadParams, SnapshotType, VmState,
 };
 use api::outcome::{VmmActionError, VmmData, VmmOutcome};
 use api::routes::ApiRequest;
@@ -19,9 +19,9 @@ use kvm_ioctls::Kvm;
 
 use crate::arch::HostQuirks;
 use crate::builder::{build_microvm, restore_microvm, BuildError};
-use crate::persist::{self, SnapshotError};
 use crate::machine::{MicroVm, VmmEvent};
 use crate::metrics::METRICS;
+use crate::persist::{self, SnapshotError};
 use crate::resources::{balloon_model, ResourceError, VmResources};
 use crate::vmm_actions::{RunningVm, VmmError};
 use devices::mmds::{MmdsStore, SharedMmds, StoreError};
@@ -170,7 +170,11 @@ impl ApiController {
                 (mem, Some(uffd))
             }
         };
-        let mut microvm = restore_microvm(kvm, &resources, &self.mmds, &state, mem)?;
+        let restore = persist::Restore {
+            state: &state,
+            clock_realtime: params.clock_realtime,
+        };
+        let mut microvm = restore_microvm(kvm, &resources, &self.mmds, &restore, mem)?;
         if let Some(uffd) = handler {
             microvm = microvm.with_memory_handler(uffd);
         }
@@ -367,12 +371,15 @@ impl ApiController {
             ApiRequest::StopBalloonHinting => done_vmm(vm.stop_balloon_hinting()),
             ApiRequest::CreateSnapshot(params) => {
                 let started = Instant::now();
-                match vm.create_snapshot(&params.snapshot_path, &params.mem_file_path) {
+                let diff = params.snapshot_type == SnapshotType::Diff;
+                match vm.create_snapshot(&params.snapshot_path, &params.mem_file_path, diff) {
                     Ok(()) => {
-                        METRICS
-                            .latencies_us
-                            .full_create_snapshot
-                            .store(micros(started));
+                        let latency = if diff {
+                            &METRICS.latencies_us.diff_create_snapshot
+                        } else {
+                            &METRICS.latencies_us.full_create_snapshot
+                        };
+                        latency.store(micros(started));
                         Ok(VmmData::Empty)
                     }
                     Err(e) => refused(format!("Create snapshot error: {e}")),
@@ -752,6 +759,7 @@ mod tests {
             &mut self,
             snapshot_path: &std::path::Path,
             mem_path: &std::path::Path,
+            _diff: bool,
         ) -> Result<(), VmmError> {
             self.calls.push(format!(
                 "snapshot {} {}",
@@ -759,9 +767,7 @@ mod tests {
                 mem_path.display()
             ));
             if !self.paused {
-                return Err(VmmError::Device(
-                    SnapshotError::NotPaused.to_string(),
-                ));
+                return Err(VmmError::Device(SnapshotError::NotPaused.to_string()));
             }
             Ok(())
         }
@@ -1034,7 +1040,12 @@ mod tests {
             panic!("{start:?}")
         };
         assert!(params.resume_vm);
-        pre(&mut c, "PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":64}"#);
+        pre(
+            &mut c,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":64}"#,
+        );
         let refusal = pre(&mut c, "PUT", "/snapshot/load", load);
         assert_eq!(refusal.status(), 400);
         assert_eq!(body(&refusal)["fault_message"], LOAD_AFTER_CONFIG);

@@ -10,21 +10,19 @@
 
 use devices::legacy::BootTimer;
 use devices::mmds::{MmdsStack, MmdsStackConfig, SharedMmds};
+use devices::GuestMemoryMmap;
 use kvm_ioctls::Kvm;
-use vm_memory::GuestMemoryMmap;
 
 use std::sync::Arc;
 
-use crate::arch::{
-    self, BootError, EntryPoint, HostQuirks, LegacyState, LoadedKernel, LoaderError, StateCaps,
-};
+use crate::arch::{self, BootError, EntryPoint, HostQuirks, LoadedKernel, LoaderError, StateCaps};
 use crate::config::{ConfigError, ConsoleConfig, HostLimits, VmConfig};
 use crate::device_config::NetConfig;
 use crate::device_manager::{self, DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::MicroVm;
 use crate::memory::{self, MemoryError};
-use crate::persist::{MicrovmState, SnapshotError};
+use crate::persist::{Restore, SnapshotError};
 use crate::resources::VmResources;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -79,6 +77,12 @@ impl BuildError {
                 | Self::Memory(MemoryError::Layout(_))
                 | Self::Loader(_)
                 | Self::Console { .. }
+                | Self::Snapshot(
+                    SnapshotError::StateFile { .. }
+                        | SnapshotError::Memory(_)
+                        | SnapshotError::Inconsistent(_)
+                        | SnapshotError::NoSuchDevice { .. }
+                )
         ) || matches!(self, Self::Devices(e) if e.is_bad_input())
     }
 }
@@ -166,17 +170,24 @@ struct Assembled {
 }
 
 /// Creates the VM on `mem`, the devices `config` names (the legacy ones in their reset state,
-/// or `legacy_state`'s), the event loop and the vCPUs, and finishes the interrupt controller.
+/// or `snapshot`'s), the event loop and the vCPUs, and finishes the interrupt controller. A
+/// snapshot's interrupt controllers and clock are restored before any device exists, so an
+/// interrupt a restored device raises at once (the UART's) lands on the restored controller.
 fn assemble(
     kvm: &Kvm,
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     mmds: &SharedMmds,
     boot_timer: Option<BootTimer>,
-    legacy_state: Option<&LegacyState>,
+    snapshot: Option<&Restore<'_>>,
 ) -> Result<Assembled, BuildError> {
-    let vm = Vm::new(kvm)?;
-    vm.register_memory(mem)?;
+    let mut vm = Vm::new(kvm)?;
+    vm.register_memory(mem, config.track_dirty_pages)?;
+    if let Some(restore) = snapshot {
+        arch::restore_vm(vm.fd(), &restore.state.vm, restore.clock_realtime)
+            .map_err(SnapshotError::from)?;
+    }
+    let legacy_state = snapshot.map(|restore| &restore.state.legacy);
     let state_caps = Arc::new(StateCaps::of(kvm).map_err(SnapshotError::from)?);
 
     // Device backends (images, TAPs) first: a bad one is reported before anything is created,
@@ -310,17 +321,18 @@ pub fn build_microvm(
     ))
 }
 
-/// Builds a microVM in a snapshot's `state`, on `mem` (the snapshot's memory, mapped), with
-/// the devices `resources` describes (the snapshot's configuration, with the load's
-/// overrides): the same VM, device for device and slot for slot, with its saved KVM, device
-/// and vCPU state. Nothing is loaded or written into guest memory.
+/// Builds a microVM in a snapshot's state (`restore`), on `mem` (the snapshot's memory,
+/// mapped), with the devices `resources` describes (the snapshot's configuration, with the
+/// load's overrides): the same VM, device for device and slot for slot, with its saved KVM,
+/// device and vCPU state. Nothing is loaded or written into guest memory.
 pub fn restore_microvm(
     kvm: &Kvm,
     resources: &VmResources,
     mmds: &SharedMmds,
-    state: &MicrovmState,
+    restore: &Restore<'_>,
     mem: GuestMemoryMmap,
 ) -> Result<MicroVm, BuildError> {
+    let state = restore.state;
     let config = &resources.vm_config(HostLimits::of(kvm))?;
     if usize::from(config.vcpus) != state.vcpus.len() {
         return Err(SnapshotError::Inconsistent(format!(
@@ -330,8 +342,7 @@ pub fn restore_microvm(
         ))
         .into());
     }
-    let parts = assemble(kvm, config, &mem, mmds, None, Some(&state.legacy))?;
-    arch::restore_vm(parts.vm.fd(), &state.vm).map_err(SnapshotError::from)?;
+    let parts = assemble(kvm, config, &mem, mmds, None, Some(restore))?;
     parts.devices.restore_virtio(&state.virtio)?;
     for (vcpu, saved) in parts.vcpus.iter().zip(&state.vcpus) {
         vcpu.restore(saved)?;

@@ -2,12 +2,16 @@
 
 use std::path::PathBuf;
 
-use api::models::{BootSource, LogLevel, Logger, MachineConfiguration, Metrics};
+use api::models::{
+    BootSource, LogLevel, Logger, MachineConfiguration, Metrics, SnapshotLoadParams,
+};
 use clap::{Args, Parser, Subcommand};
 
 use crate::arch::MAX_VCPUS;
 use crate::config::{ConfigError, ConsoleConfig, SerialConfig};
-use crate::device_config::{parse_balloon, DriveConfig, NetConfig, RngConfig, VsockConfig};
+use crate::device_config::{
+    parse_balloon, parse_restore, DriveConfig, NetConfig, RngConfig, VsockConfig,
+};
 use crate::guest_images::GuestImages;
 use crate::personality::Personality;
 use crate::resources::VmResources;
@@ -75,6 +79,12 @@ pub struct ProcessArgs {
     /// through the command line as before.
     #[arg(long = "enable-pci")]
     pub enable_pci: bool,
+    /// Print the snapshot format version this Kiln writes, and exit.
+    #[arg(long = "snapshot-version")]
+    pub snapshot_version: bool,
+    /// Print the format version of the snapshot state file at PATH, and exit.
+    #[arg(long = "describe-snapshot", value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
     /// Logging, metrics and the boot timer.
     #[command(flatten)]
     pub observability: ObservabilityArgs,
@@ -193,6 +203,27 @@ pub enum Command {
     /// Run kiln jailed (Firecracker's jailer): own mount and PID namespaces, pivot_root into
     /// <chroot-base-dir>/<exec-file-name>/<id>/root, cgroups, rlimits, --uid/--gid.
     Jail(crate::jail::JailArgs),
+    /// Work with snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `kiln snapshot ...`.
+#[derive(Debug, Subcommand, Clone, PartialEq, Eq)]
+pub enum SnapshotCommand {
+    /// Apply a Diff snapshot's memory file onto its base's (in place): the base then restores,
+    /// with the Diff's state file, to the VM as it was at the Diff.
+    Merge {
+        /// The base memory file (a Full snapshot's, or an earlier merge), changed in place.
+        base: PathBuf,
+        /// The Diff snapshot's memory file.
+        diff: PathBuf,
+    },
+    /// Print a state file's format version (Firecracker's `--describe-snapshot`).
+    Describe {
+        /// The state file.
+        state: PathBuf,
+    },
 }
 
 /// `kiln run`'s flags.
@@ -245,6 +276,20 @@ pub struct RunArgs {
     /// [,free_page_reporting]. It starts at amount_mib; the guest gives that much back.
     #[arg(long, value_name = "OPTS", value_parser = parse_balloon)]
     pub balloon: Option<BalloonConfig>,
+    /// Restore a snapshot instead of booting, and run it:
+    /// snapshot=PATH,mem=PATH (or uffd=SOCKET for a page-fault handler)
+    /// [,net.IFACE=TAP]...[,vsock=PATH][,drive.ID=PATH]...[,track_dirty_pages].
+    /// The VM is the snapshot's: no other VM flag may be given.
+    #[arg(
+        long,
+        value_name = "OPTS",
+        value_parser = |s: &str| parse_restore(s).map(Box::new),
+        conflicts_with_all = [
+            "kernel", "initrd", "cmdline", "vcpus", "mem_mib", "drives", "nets", "rng", "vsock",
+            "balloon",
+        ]
+    )]
+    pub restore: Option<Box<SnapshotLoadParams>>,
 }
 
 impl RunArgs {

@@ -237,6 +237,8 @@ pub struct VmConfig {
     /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
     /// `BOOT_TIMER_ADDR` logs its boot time.
     pub boot_timer: bool,
+    /// KVM logs the guest's writes to memory, for Diff snapshots.
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -378,6 +380,7 @@ mod tests {
             balloon: None,
             mmds: None,
             boot_timer: false,
+            track_dirty_pages: false,
         }
     }
 

@@ -363,6 +363,76 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// `kiln run --restore`: `snapshot=PATH,mem=PATH` (or `uffd=SOCKET` for a page-fault handler
+/// instead of the memory file) `[,net.IFACE=TAP]...[,vsock=PATH][,drive.ID=PATH]...
+/// [,track_dirty_pages]`, as the API's load with `resume_vm` would take them.
+pub fn parse_restore(s: &str) -> Result<api::models::SnapshotLoadParams, DeviceOptionError> {
+    use api::models::{
+        DriveOverride, MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotLoadParams,
+        VsockOverride,
+    };
+    let mut snapshot = None;
+    let mut backend = None;
+    let mut params = SnapshotLoadParams {
+        snapshot_path: PathBuf::new(),
+        mem_file_path: None,
+        mem_backend: None,
+        enable_diff_snapshots: false,
+        track_dirty_pages: false,
+        resume_vm: true,
+        network_overrides: Vec::new(),
+        vsock_override: None,
+        clock_realtime: false,
+        huge_pages: Default::default(),
+        drive_overrides: Vec::new(),
+    };
+    for (key, value) in options(s)? {
+        match key {
+            "snapshot" => snapshot = Some(PathBuf::from(required(key, value)?)),
+            "mem" | "uffd" => {
+                if backend.is_some() {
+                    return Err(bad_value(
+                        key,
+                        value.unwrap_or(""),
+                        "give mem= or uffd=, once",
+                    ));
+                }
+                backend = Some(MemoryBackend {
+                    backend_type: if key == "mem" {
+                        MemoryBackendType::File
+                    } else {
+                        MemoryBackendType::Uffd
+                    },
+                    backend_path: PathBuf::from(required(key, value)?),
+                });
+            }
+            "vsock" => {
+                params.vsock_override = Some(VsockOverride {
+                    uds_path: PathBuf::from(required(key, value)?),
+                })
+            }
+            "track_dirty_pages" => params.track_dirty_pages = flag(key, value)?,
+            _ => match key.split_once('.') {
+                Some(("net", iface)) => params.network_overrides.push(NetworkOverride {
+                    iface_id: iface.to_string(),
+                    host_dev_name: required(key, value)?.to_string(),
+                }),
+                Some(("drive", id)) => params.drive_overrides.push(DriveOverride {
+                    drive_id: id.to_string(),
+                    path_on_host: PathBuf::from(required(key, value)?),
+                }),
+                _ => return Err(DeviceOptionError::UnknownKey(key.to_string())),
+            },
+        }
+    }
+    params.snapshot_path = snapshot.ok_or(DeviceOptionError::Missing("snapshot"))?;
+    params.mem_backend = Some(backend.ok_or(DeviceOptionError::Missing("mem"))?);
+    params
+        .validate()
+        .map_err(|e| bad_value("restore", s, e.to_string()))?;
+    Ok(params)
+}
+
 /// Parses `--balloon`'s options (a function, not `FromStr`: the config is the device's own type).
 pub fn parse_balloon(s: &str) -> Result<BalloonConfig, DeviceOptionError> {
     let mut config = BalloonConfig::default();

@@ -16,8 +16,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use devices::legacy::SerialConsole;
+use devices::GuestMemoryMmap;
 use signal_hook::consts::SIGUSR1;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use api::outcome::{VmmActionError, VmmOutcome};
@@ -27,9 +27,9 @@ use std::path::Path;
 
 use crate::arch;
 use crate::device_manager::DeviceManager;
-use crate::persist::{self, MicrovmState, SnapshotError};
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
+use crate::persist::{self, MicrovmState, SnapshotError};
 use crate::personality::Personality;
 use crate::resources::VmResources;
 use crate::seccomp::{spawn_filtered, SeccompFilters, ThreadKind, PROCESS_SIGNALS};
@@ -115,20 +115,43 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Saves the paused VM: its state to `snapshot_path`, guest memory to `mem_path` (see
+    /// Saves the paused VM: its state to `snapshot_path`, guest memory to `mem_path` (all of
+    /// it, or with `diff` the pages written since the last snapshot or the restore; see
     /// [`crate::persist`]). The VM stays paused.
-    pub fn snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
+    pub fn snapshot(
+        &self,
+        snapshot_path: &Path,
+        mem_path: &Path,
+        diff: bool,
+    ) -> Result<(), SnapshotError> {
         if !self.paused {
             return Err(SnapshotError::NotPaused);
+        }
+        if diff && !self.vm.tracks_dirty_pages() {
+            return Err(SnapshotError::DiffWithoutTracking);
         }
         let vcpus = persist::save_vcpus(self.handles.len(), |index, timeout| {
             self.handles[index].requests.save_state(timeout)
         })?;
         let vm = arch::save_vm(self.vm.fd())?;
         let legacy = self.devices.save_legacy();
-        let (virtio, memory) = self
-            .devices
-            .save_virtio(|| persist::memory::save(&self.mem, mem_path));
+        let (virtio, memory) = self.devices.save_virtio(|| {
+            // KVM's log is taken (and cleared) with every snapshot, so a Diff holds what the
+            // guest wrote since the last one.
+            let kvm_log = if self.vm.tracks_dirty_pages() {
+                self.vm
+                    .take_dirty_log(&self.mem)
+                    .map_err(|e| SnapshotError::Inconsistent(e.to_string()))?
+            } else {
+                Vec::new()
+            };
+            let pages = if diff {
+                persist::memory::Pages::Dirty(&kvm_log)
+            } else {
+                persist::memory::Pages::All
+            };
+            Ok::<_, SnapshotError>(persist::memory::save(&self.mem, mem_path, pages)?)
+        });
         let state = MicrovmState {
             vm_config: self.resources.full_config(),
             memory: memory?,

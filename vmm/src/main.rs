@@ -13,14 +13,15 @@ use api::http::{
     bind_api_socket, ApiServer, HttpRequest, HttpResponse, RequestHandler, ServerConfig,
     SocketGuard, ThreadSpawner,
 };
+use api::models::SnapshotLoadParams;
 use api::outcome::{to_response, VmmActionError};
 use api::routes::parse_request;
 use clap::Parser;
 use devices::mmds::{MmdsStore, SharedMmds};
 use vmm::api_controller::{run_pre_boot, ApiController, PreBootEnd, StartRequest};
 use vmm::arch::HostQuirks;
-use vmm::cli::{Cli, Command, JailerCli, ObservabilityArgs, ProcessArgs, RunArgs};
-use vmm::config::ConsoleConfig;
+use vmm::cli::{Cli, Command, JailerCli, ObservabilityArgs, ProcessArgs, RunArgs, SnapshotCommand};
+use vmm::config::{ConsoleConfig, SerialConfig};
 use vmm::guest_images::default_guest;
 use vmm::machine::{spawn_signal_watcher, ApiCall, ExitReason, VmmEvent};
 use vmm::metrics::METRICS;
@@ -40,11 +41,14 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 /// `kiln run`: the flags become resources, and the controller starts them as it would the
 /// API's.
-fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
+fn run(mut args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
     let kvm = match vm::open_kvm() {
         Ok(kvm) => kvm,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
+    if let Some(params) = args.restore.take() {
+        return restore(args, &params, &kvm, filters);
+    }
     let images = match args.kernel {
         Some(_) => None,
         None => match default_guest() {
@@ -68,6 +72,57 @@ fn run(args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
         log::info!("{line}");
     }
     exit_status(microvm.run(forward_stdin, filters))
+}
+
+/// `kiln run --restore`: the snapshot's VM, with the run's console, restored and run.
+fn restore(
+    args: RunArgs,
+    params: &SnapshotLoadParams,
+    kvm: &kvm_ioctls::Kvm,
+    filters: &Arc<SeccompFilters>,
+) -> ExitCode {
+    let forward_stdin = args.console == ConsoleConfig::Stdout;
+    let loader = VmResources {
+        serial: SerialConfig {
+            console: args.console,
+            rate_limit: None,
+        },
+        ..VmResources::default()
+    };
+    let controller = ApiController::new(String::new(), loader);
+    let microvm = match controller.load_snapshot(kvm, params) {
+        Ok(microvm) => microvm,
+        Err(e) if e.is_bad_input() => return fail(EXIT_BAD_INPUT, format!("--restore: {e}")),
+        Err(e) => return fail(EXIT_FAILURE, format!("--restore: {e}")),
+    };
+    exit_status(microvm.run(forward_stdin, filters))
+}
+
+/// `kiln snapshot ...`.
+fn snapshot_command(command: SnapshotCommand) -> ExitCode {
+    match command {
+        SnapshotCommand::Merge { base, diff } => match vmm::persist::memory::merge(&base, &diff) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_BAD_INPUT, format!("merging {}: {e}", diff.display())),
+        },
+        SnapshotCommand::Describe { state } => describe_snapshot(&state),
+    }
+}
+
+/// Prints a state file's format version (`vMAJOR.MINOR.0`, Firecracker's form).
+fn describe_snapshot(path: &std::path::Path) -> ExitCode {
+    let version = devices::host_file::open(path, false, devices::host_file::Accept::RegularFile)
+        .map_err(|e| e.to_string())
+        .and_then(|mut file| {
+            vmm::persist::format::read_version(&mut file).map_err(|e| e.to_string())
+        });
+    match version {
+        Ok((major, minor)) => {
+            println!("v{major}.{minor}.0");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_BAD_INPUT, format!("{}: {e}", path.display())),
+    }
 }
 
 /// The process's exit status for how the VM ended.
@@ -340,9 +395,24 @@ fn main() -> ExitCode {
     let mode = match cli.command {
         // Before the logger, metrics and seccomp: the jailer must start single-threaded.
         Some(Command::Jail(args)) => return vmm::jail::main(args),
+        Some(Command::Snapshot(command)) => {
+            let _ = vmm::logger::install();
+            return snapshot_command(command);
+        }
         Some(Command::Run(args)) => Mode::Run(args),
         None => Mode::Process(cli.process),
     };
+    if let Mode::Process(args) = &mode {
+        if args.snapshot_version {
+            let (major, minor) = vmm::persist::format::VERSION;
+            println!("v{major}.{minor}.0");
+            return ExitCode::SUCCESS;
+        }
+        if let Some(path) = &args.describe_snapshot {
+            let _ = vmm::logger::install();
+            return describe_snapshot(path);
+        }
+    }
     // The only possible failure is another logger installed first, and nothing else installs one.
     let _ = vmm::logger::install();
     // Both modes take the logging, metrics and seccomp flags.

@@ -1,7 +1,9 @@
 //! Guest RAM: anonymous, private, `MAP_NORESERVE` mappings through vm-memory, so a page costs host
 //! memory only once the guest touches it.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+use devices::GuestMemoryMmap;
 
 use crate::arch::layout::{self, LayoutError};
 

@@ -302,6 +302,7 @@ impl VmResources {
             balloon: self.balloon,
             mmds: self.mmds_config.clone(),
             boot_timer: self.boot_timer,
+            track_dirty_pages: self.machine_config.track_dirty_pages,
         }
         .validate(limits)
     }

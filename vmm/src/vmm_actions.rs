@@ -68,8 +68,14 @@ pub trait RunningVm {
     fn send_ctrl_alt_del(&self) -> Result<(), VmmError>;
     /// Writes a metrics line now.
     fn flush_metrics(&self) -> Result<(), VmmError>;
-    /// Saves the paused VM to a state file and a memory file.
-    fn create_snapshot(&mut self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError>;
+    /// Saves the paused VM to a state file and a memory file (all of memory, or with `diff` the
+    /// pages written since the last snapshot).
+    fn create_snapshot(
+        &mut self,
+        snapshot_path: &Path,
+        mem_path: &Path,
+        diff: bool,
+    ) -> Result<(), VmmError>;
     /// A drive's new backing file and/or rate limits (Firecracker's PATCH: buckets left out
     /// keep their settings).
     fn update_drive(
@@ -150,8 +156,13 @@ impl RunningVm for Vmm {
         }
     }
 
-    fn create_snapshot(&mut self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
-        self.snapshot(snapshot_path, mem_path)
+    fn create_snapshot(
+        &mut self,
+        snapshot_path: &Path,
+        mem_path: &Path,
+        diff: bool,
+    ) -> Result<(), VmmError> {
+        self.snapshot(snapshot_path, mem_path, diff)
             .map_err(|e| VmmError::Device(e.to_string()))
     }
 

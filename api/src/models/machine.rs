@@ -99,8 +99,7 @@ pub struct MachineConfiguration {
     /// Deprecated in Firecracker. Kiln supports only `"None"`; it is not reported when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<CpuTemplate>,
-    /// Dirty page tracking for diff snapshots. Accepted either way; Kiln takes no snapshots, so
-    /// it has no effect.
+    /// Dirty page tracking for Diff snapshots: KVM logs the guest's writes to memory.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Huge page backing. Kiln supports only `"None"`.

@@ -787,7 +787,9 @@ fn snapshot_routes_parse_their_bodies() {
         "/snapshot/create",
         r#"{"snapshot_path":"/s","mem_file_path":"/m","snapshot_type":"Full"}"#,
     );
-    assert!(matches!(create, ApiRequest::CreateSnapshot(p) if p.snapshot_path.to_str() == Some("/s")));
+    assert!(
+        matches!(create, ApiRequest::CreateSnapshot(p) if p.snapshot_path.to_str() == Some("/s"))
+    );
     let load = ok(
         "PUT",
         "/snapshot/load",

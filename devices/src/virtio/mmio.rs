@@ -16,9 +16,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{features, status, Interrupt, QueuePosition, VirtioDevice};
 use crate::BusDevice;
@@ -1091,9 +1091,20 @@ mod tests {
         let (mut restored, restored_dev) = setup();
         restored.restore(&saved).unwrap();
         assert_eq!(read(&mut restored, reg::STATUS), ALL_OK);
-        assert_eq!(read(&mut restored, reg::QUEUE_SEL), 0, "write-only register");
-        assert_eq!(read(&mut restored, reg::QUEUE_DESC_LOW), 0x2000, "queue 1 selected");
-        assert_eq!(read(&mut restored, reg::INTERRUPT_STATUS), super::super::INT_USED_RING);
+        assert_eq!(
+            read(&mut restored, reg::QUEUE_SEL),
+            0,
+            "write-only register"
+        );
+        assert_eq!(
+            read(&mut restored, reg::QUEUE_DESC_LOW),
+            0x2000,
+            "queue 1 selected"
+        );
+        assert_eq!(
+            read(&mut restored, reg::INTERRUPT_STATUS),
+            super::super::INT_USED_RING
+        );
         assert_eq!(read(&mut restored, reg::CONFIG), 0xabcd);
         let dev = restored_dev.lock().unwrap();
         assert_eq!(dev.acked, features::VERSION_1 | features::RING_EVENT_IDX);
@@ -1113,7 +1124,8 @@ mod tests {
         setup_queue(&mut t, 1, 0x2000);
         write(&mut t, reg::STATUS, ALL_OK);
         let saved = t.save();
-        let cases: [(fn(&mut TransportState), &str); 4] = [
+        type Damage = fn(&mut TransportState);
+        let cases: [(Damage, &str); 4] = [
             (|s| s.device_type = 1, "virtio type"),
             (|s| s.queues[1].max_size = 32, "queues"),
             (|s| s.acked_features |= 1 << 50, "features"),

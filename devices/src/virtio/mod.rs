@@ -23,9 +23,9 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use crate::GuestMemoryMmap;
 pub use common::VirtioCommon;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device type ids (virtio 1.x, 5 "Device Types").
@@ -407,10 +407,10 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// Test helpers shared by the devices' unit tests.
 #[cfg(test)]
 pub(crate) mod test_queue {
+    use crate::GuestMemoryMmap;
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
 
     /// Makes each slice of `chains` one available chain: the mock's own multi-chain builder takes
     /// the NEXT flags and indices as given, so they are set here.

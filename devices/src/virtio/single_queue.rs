@@ -5,9 +5,9 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{ActivateError, Interrupt};
 use crate::rate_limiter::RateLimiter;
@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn exactly_one_queue() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         for count in [0, 2] {
             let queues = (0..count).map(|_| Queue::new(16).unwrap()).collect();

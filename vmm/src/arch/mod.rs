@@ -30,8 +30,8 @@ pub use self::x86_64::{
     announce_devices, announcement_room, build_cmdline, choose_entry, configure_system,
     configure_vcpu, create_irqchip, finish_irqchip, instruction_at_pc, layout, load_cmdline,
     load_kernel, place_initrd, program_counter, restore_vcpu, restore_vm, save_vcpu, save_vm,
-    BootError, EntryPoint, HostQuirks, LegacyDevices, LegacyState, LoadedKernel, LoaderError, StateCaps,
-    StateError, VcpuConfigError, VcpuState, VmState, MAX_VCPUS, REQUIRED_CAPS,
+    BootError, EntryPoint, HostQuirks, LegacyDevices, LegacyState, LoadedKernel, LoaderError,
+    StateCaps, StateError, VcpuConfigError, VcpuState, VmState, MAX_VCPUS, REQUIRED_CAPS,
 };
 
 /// A KVM ioctl that failed during set-up, with its name.

@@ -22,16 +22,16 @@ use devices::virtio::net::{Net, NetDeviceConfig, NetError, Tap, TapError};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
 use devices::virtio::{Interrupt, VirtioDevice};
+use devices::GuestMemoryMmap;
 use devices::{Bus, BusError};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::{BOOT_TIMER_ADDR, FIRST_DEVICE_GSI, LAST_DEVICE_GSI, VIRTIO_MMIO_START};
 use crate::arch::{LegacyDevices, LegacyState};
-use crate::persist::VirtioDeviceState;
 use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
+use crate::persist::VirtioDeviceState;
 use crate::vstate::vm::Vm;
 
 mod registry;
@@ -208,8 +208,7 @@ impl DeviceManager {
         // Blocking: the VMM's reset watcher waits on it.
         let reset_evt = EventFd::new(0).map_err(DeviceError::EventFd)?;
         let reset_trigger = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-        let legacy =
-        LegacyDevices::attach(
+        let legacy = LegacyDevices::attach(
             vm,
             &mut io_bus,
             console_out,
@@ -316,8 +315,8 @@ impl DeviceManager {
     /// state. The saved devices must be the attached ones, slot for slot.
     pub fn restore_virtio(&self, saved: &[VirtioDeviceState]) -> Result<(), DeviceError> {
         let entries = self.registry.virtio_devices();
-        let same = entries.len() == saved.len()
-            && entries.iter().zip(saved).all(|(e, s)| e.id == s.id);
+        let same =
+            entries.len() == saved.len() && entries.iter().zip(saved).all(|(e, s)| e.id == s.id);
         if !same {
             let ids = |ids: Vec<&str>| ids.join(", ");
             return Err(DeviceError::SnapshotDevices {

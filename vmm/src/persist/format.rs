@@ -80,17 +80,22 @@ pub enum FormatError {
 
 /// Serializes `state` into a state file's bytes.
 pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, FormatError> {
-    let json = serde_json::to_vec(state)?;
+    Ok(frame(&serde_json::to_vec(state)?))
+}
+
+/// A state file around `json`: header, the bytes as given, checksum (what [`encode`] writes;
+/// the fuzz target frames arbitrary bytes with it to reach the state's parser).
+pub fn frame(json: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + json.len() + 8);
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&VERSION.0.to_le_bytes());
     bytes.extend_from_slice(&VERSION.1.to_le_bytes());
     bytes.extend_from_slice(&[0; 4]);
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(json);
     let crc = CRC.checksum(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    Ok(bytes)
+    bytes
 }
 
 /// The header's version, if `header` is a header of this architecture.
@@ -244,10 +249,7 @@ mod tests {
 
         let mut newer = bytes.clone();
         newer[10..12].copy_from_slice(&(VERSION.1 + 1).to_le_bytes());
-        assert!(matches!(
-            decode_bytes(&newer),
-            Err(FormatError::Version(_))
-        ));
+        assert!(matches!(decode_bytes(&newer), Err(FormatError::Version(_))));
         let mut next_major = bytes.clone();
         next_major[8..10].copy_from_slice(&(VERSION.0 + 1).to_le_bytes());
         assert!(matches!(

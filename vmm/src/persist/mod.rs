@@ -56,12 +56,27 @@ pub struct MicrovmState {
     pub virtio: Vec<VirtioDeviceState>,
 }
 
+/// A snapshot to restore, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Restore<'a> {
+    /// The saved state.
+    pub state: &'a MicrovmState,
+    /// Move the guest's clock on by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+}
+
 /// Why a snapshot could not be taken or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// Snapshots are taken of paused VMs only (Firecracker's rule).
     #[error("the microVM must be paused before a snapshot is taken")]
     NotPaused,
+    /// A Diff snapshot of a VM whose memory writes are not tracked.
+    #[error(
+        "Diff snapshots need dirty page tracking: set track_dirty_pages in the machine \
+         configuration (or in the snapshot load)"
+    )]
+    DiffWithoutTracking,
     /// A vCPU could not save its state.
     #[error("vCPU {index}: {reason}")]
     Vcpu {
@@ -124,10 +139,26 @@ pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file =
-        devices::host_file::open(path, false, devices::host_file::Accept::RegularFile)
-            .map_err(|e| fail(format::FormatError::Io(std::io::Error::other(e.to_string()))))?;
-    let state: MicrovmState = format::decode(&mut file).map_err(fail)?;
+    let mut file = devices::host_file::open(path, false, devices::host_file::Accept::RegularFile)
+        .map_err(|e| {
+        fail(format::FormatError::Io(std::io::Error::other(
+            e.to_string(),
+        )))
+    })?;
+    parse_state(&mut file).map_err(|e| match e {
+        SnapshotError::StateFile { source, .. } => fail(source),
+        other => other,
+    })
+}
+
+/// Reads a state file's bytes from `reader` and checks them: the format ([`format::decode`]),
+/// then the state against itself. The `snapshot_state` fuzz target calls this.
+pub fn parse_state(reader: &mut impl std::io::Read) -> Result<MicrovmState, SnapshotError> {
+    let state: MicrovmState =
+        format::decode(reader).map_err(|source| SnapshotError::StateFile {
+            path: PathBuf::new(),
+            source,
+        })?;
     check_state(&state)?;
     Ok(state)
 }
@@ -198,6 +229,7 @@ pub fn restored_resources(
             })?;
         config.path.clone_from(&drive.path_on_host);
     }
+    resources.machine_config.track_dirty_pages = load.tracks_dirty_pages();
     resources.serial = loader.serial.clone();
     resources.logger = loader.logger.clone();
     resources.metrics = loader.metrics.clone();

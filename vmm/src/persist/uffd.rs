@@ -13,8 +13,9 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use devices::GuestMemoryMmap;
 use serde::Serialize;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::memory::{check_layout, MemoryFileError, MemoryRegionState};
@@ -130,16 +131,15 @@ pub fn restore_with_handler(
         .iter()
         .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| MemoryFileError::Guest(e.to_string()))?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryFileError::Guest(e.to_string()))?;
     let uffd = create_userfaultfd().map_err(|e| io_error(socket, "userfaultfd", e))?;
     let mut mappings = Vec::with_capacity(layout.len());
     for (region, state) in mem.iter().zip(layout) {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| MemoryFileError::Guest(e.to_string()))? as u64;
-        register(&uffd, host, region.len())
-            .map_err(|e| io_error(socket, "UFFDIO_REGISTER", e))?;
+        register(&uffd, host, region.len()).map_err(|e| io_error(socket, "UFFDIO_REGISTER", e))?;
         mappings.push(GuestRegionUffdMapping {
             base_host_virt_addr: host,
             size: region.len(),

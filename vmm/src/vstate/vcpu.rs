@@ -11,9 +11,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use devices::Bus;
+use devices::GuestMemoryMmap;
 use kvm_bindings::KVM_MP_STATE_HALTED;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
 
 use super::vm::Vm;
 use crate::arch::{self, EntryPoint, StateCaps, StateError, VcpuConfigError, VcpuState};
@@ -231,9 +231,11 @@ impl VcpuRequests {
             .saved_changed
             .wait_timeout_while(saved, timeout, |saved| saved.is_none())
             .map_err(|_| "the vCPU's state lock is poisoned".to_string())?;
-        saved
-            .take()
-            .unwrap_or_else(|| Err(format!("the vCPU did not save its state within {timeout:?}")))
+        saved.take().unwrap_or_else(|| {
+            Err(format!(
+                "the vCPU did not save its state within {timeout:?}"
+            ))
+        })
     }
 
     /// The vCPU's side of [`Self::save_state`]: saves with `save` if asked to.
@@ -340,11 +342,9 @@ impl Vcpu {
 
     /// Puts the vCPU in a saved state (a snapshot's), instead of its boot state.
     pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
-        arch::restore_vcpu(&self.state_caps, &self.fd, state).map_err(|source| {
-            VcpuError::State {
-                cpu: self.index,
-                source,
-            }
+        arch::restore_vcpu(&self.state_caps, &self.fd, state).map_err(|source| VcpuError::State {
+            cpu: self.index,
+            source,
         })
     }
 

@@ -1,9 +1,10 @@
 //! The KVM VM: capability checks, guest memory slots, and the architecture's in-kernel interrupt
 //! controller ([`crate::arch::create_irqchip`]).
 
-use kvm_bindings::kvm_userspace_memory_region;
+use devices::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::retry_interrupted;
 use crate::arch::{self, KvmCallError};
@@ -53,6 +54,8 @@ pub fn max_vcpus(kvm: &Kvm) -> usize {
 /// A VM with its in-kernel interrupt controllers and timer.
 pub struct Vm {
     fd: VmFd,
+    /// KVM logs the guest's writes to memory (for Diff snapshots).
+    tracks_dirty_pages: bool,
 }
 
 impl Vm {
@@ -69,7 +72,10 @@ impl Vm {
             source,
         })?;
         arch::create_irqchip(&fd)?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            tracks_dirty_pages: false,
+        })
     }
 
     /// Finishes the interrupt controller once the `vcpus` vCPUs exist (arm64's GIC).
@@ -77,18 +83,29 @@ impl Vm {
         Ok(arch::finish_irqchip(&self.fd, vcpus)?)
     }
 
-    /// Registers every region of `mem` as a KVM memory slot.
+    /// Registers every region of `mem` as a KVM memory slot, with KVM logging the guest's
+    /// writes when `track_dirty_pages` (Diff snapshots read the log).
     ///
     /// The caller keeps `mem` alive for as long as the VM runs (the builder stores both in the
     /// same `MicroVm`).
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    pub fn register_memory(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmError> {
+        self.tracks_dirty_pages = track_dirty_pages;
+        let flags = if track_dirty_pages {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|_| VmError::Unmapped(region.start_addr().0))?;
             let memory_region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -102,6 +119,28 @@ impl Vm {
                 })?;
         }
         Ok(())
+    }
+
+    /// True when KVM logs the guest's writes to memory.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.tracks_dirty_pages
+    }
+
+    /// The pages the guest wrote since the last call (or since the slots were registered), one
+    /// bitmap per region of `mem` (bit N of word N / 64: page N); KVM clears its log as it
+    /// answers. Only with dirty-page tracking on.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|source| VmError::Kvm {
+                        what: "KVM_GET_DIRTY_LOG",
+                        source,
+                    })
+            })
+            .collect()
     }
 
     /// The VM file descriptor.

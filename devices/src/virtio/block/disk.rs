@@ -8,7 +8,9 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
+
+use crate::GuestMemoryMmap;
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use crate::host_file::{self, Accept, HostFileError};

@@ -13,8 +13,9 @@ pub mod request;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 #[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

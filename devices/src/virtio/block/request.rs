@@ -5,7 +5,9 @@
 //! driver-readable descriptors, data it writes is in device-writable ones), lengths are bounded,
 //! and the request type is an enum. Nothing downstream handles raw guest numbers.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::GuestMemoryMmap;
 
 use super::SECTOR_SIZE;
 use crate::virtio::Chain;

@@ -30,9 +30,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_net;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 #[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

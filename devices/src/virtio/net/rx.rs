@@ -4,8 +4,9 @@
 //! frame fills as many chains as it needs, and the header's `num_buffers` says how many; those
 //! chains are returned consecutively in the used ring, as the guest driver reads them.
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::super::guest_errors::GuestErrorLog;
 use super::super::{pop_chain, Chain};

@@ -1,6 +1,8 @@
 //! Transmit path: gathering one guest frame into the device's bounded buffer.
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
+
+use crate::GuestMemoryMmap;
 
 use super::super::Chain;
 use super::VNET_HDR_LEN;

@@ -11,8 +11,8 @@ mod metrics;
 use std::io::Write;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 #[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 #[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -146,7 +146,8 @@ pub fn write_zero_page<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use devices::GuestMemoryMmap;
+    use vm_memory::Bytes;
 
     #[test]
     fn e820_of_a_small_guest() {
@@ -209,7 +210,7 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 0x20_0000);
         assert_eq!(params.e820_entries, 3);
 
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_zero_page(&mem, &params).unwrap();
         let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x202)).unwrap();
         assert_eq!(magic, 0x5372_6448);

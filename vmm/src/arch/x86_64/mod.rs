@@ -21,11 +21,11 @@ pub use host_quirks::HostQuirks;
 pub use legacy::{LegacyDevices, LegacyState};
 pub use loader::{build_cmdline, load_cmdline, load_kernel, LoadedKernel, LoaderError};
 pub use regs::EntryPoint;
-pub use system::{
-    announce_devices, announcement_room, choose_entry, configure_system, place_initrd, BootError,
-};
 pub use state::{
     restore_vcpu, restore_vm, save_vcpu, save_vm, StateCaps, StateError, VcpuState, VmState,
+};
+pub use system::{
+    announce_devices, announcement_room, choose_entry, configure_system, place_initrd, BootError,
 };
 pub use vcpu::{configure_vcpu, instruction_at_pc, program_counter, VcpuConfigError};
 pub use vm::{create_irqchip, finish_irqchip, REQUIRED_CAPS};

@@ -186,14 +186,14 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, cpus: u8) -> Result<(), Mpt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use devices::GuestMemoryMmap;
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
     }
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
     }
 
     #[test]
@@ -254,7 +254,7 @@ mod tests {
             write_mptable(&mem(), 255),
             Err(MptableError::CpuCount(255))
         ));
-        let tiny = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let tiny = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         assert!(matches!(
             write_mptable(&tiny, 1),
             Err(MptableError::Write(_))

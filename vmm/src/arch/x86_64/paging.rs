@@ -26,7 +26,7 @@ pub fn write_identity_map<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use devices::GuestMemoryMmap;
 
     /// Walks the tables the way the MMU does for a 2-MiB mapping.
     fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> u64 {
@@ -47,7 +47,7 @@ mod tests {
 
     #[test]
     fn first_gib_is_identity_mapped() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let cr3 = write_identity_map(&mem).unwrap();
         assert_eq!(cr3, PML4_ADDR);
         for va in [0u64, 0x7000, 0x100_0000, 0x3fff_ffff, 0x1234_5678] {
@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn fails_cleanly_without_room() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         assert!(write_identity_map(&mem).is_err());
     }
 }

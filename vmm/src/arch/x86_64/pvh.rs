@@ -58,11 +58,11 @@ pub fn write_start_info<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use crate::arch::x86_64::layout::ZERO_PAGE_ADDR;
-    use vm_memory::GuestMemoryMmap;
+    use devices::GuestMemoryMmap;
 
     #[test]
     fn start_info_points_at_its_tables() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_start_info(&mem, 0x20000, Some((0x80_0000, 0x1000)), 128 << 20).unwrap();
         let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
         assert_eq!(magic, XEN_HVM_START_MAGIC);

@@ -217,10 +217,10 @@ pub fn setup_boot_vcpu<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use devices::GuestMemoryMmap;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     #[test]

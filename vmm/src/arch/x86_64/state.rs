@@ -13,9 +13,9 @@
 //! accepted once the LAPIC timer is in deadline mode), and the pending events last.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -32,16 +32,6 @@ pub enum StateError {
     /// A KVM ioctl failed.
     #[error(transparent)]
     Kvm(#[from] KvmCallError),
-    /// KVM took only some of the saved MSRs.
-    #[error("KVM_SET_MSRS took {taken} of {given} MSRs (the first refused: {refused:#x})")]
-    MsrsRefused {
-        /// How many KVM took.
-        taken: usize,
-        /// How many were given.
-        given: usize,
-        /// The index of the first MSR KVM refused.
-        refused: u32,
-    },
     /// The host's KVM cannot save a part of the state.
     #[error("the host's KVM lacks {0}, which a snapshot needs")]
     MissingCap(&'static str),
@@ -154,6 +144,29 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateEr
     Ok(saved)
 }
 
+/// Writes `msrs` in chunks; KVM stops at the first MSR it refuses (one it lists on the saving
+/// host but will not take on this one): that one is skipped and the rest written. Returns the
+/// refused indices.
+fn write_msrs(fd: &VcpuFd, msrs: &[kvm_msr_entry]) -> Result<Vec<u32>, StateError> {
+    let mut refused = Vec::new();
+    let mut pending = msrs;
+    while !pending.is_empty() {
+        let chunk = &pending[..pending.len().min(MSR_CHUNK)];
+        let list = Msrs::from_entries(chunk).map_err(|_| StateError::TooMany {
+            what: "MSR list",
+            count: chunk.len(),
+        })?;
+        let taken = fd
+            .set_msrs(&list)
+            .map_err(KvmCallError::on("KVM_SET_MSRS"))?;
+        if let Some(entry) = chunk.get(taken) {
+            refused.push(entry.index);
+        }
+        pending = &pending[(taken + 1).min(pending.len())..];
+    }
+    Ok(refused)
+}
+
 /// Saves vCPU `fd`'s state. Call on the vCPU's own thread, while it is out of KVM_RUN.
 pub fn save_vcpu(caps: &StateCaps, fd: &VcpuFd) -> Result<VcpuState, StateError> {
     let mp_state = fd
@@ -237,28 +250,25 @@ pub fn restore_vcpu(caps: &StateCaps, fd: &VcpuFd, state: &VcpuState) -> Result<
         .map_err(KvmCallError::on("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic)
         .map_err(KvmCallError::on("KVM_SET_LAPIC"))?;
-    for chunk in state.msrs.chunks(MSR_CHUNK) {
-        let msrs = Msrs::from_entries(chunk).map_err(|_| StateError::TooMany {
-            what: "MSR list",
-            count: chunk.len(),
-        })?;
-        let taken = fd
-            .set_msrs(&msrs)
-            .map_err(KvmCallError::on("KVM_SET_MSRS"))?;
-        if taken != chunk.len() {
-            return Err(StateError::MsrsRefused {
-                taken,
-                given: chunk.len(),
-                refused: chunk[taken].index,
-            });
-        }
+    let refused = write_msrs(fd, &state.msrs)?;
+    if !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
+        log::warn!(
+            "KVM refused saved MSRs {} (this host's KVM lists them but will not take them; \
+             they keep their reset values)",
+            list.join(", ")
+        );
     }
     fd.set_vcpu_events(&state.vcpu_events)
         .map_err(KvmCallError::on("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 
-fn get_irqchip(fd: &VmFd, chip_id: u32, what: &'static str) -> Result<Box<kvm_irqchip>, StateError> {
+fn get_irqchip(
+    fd: &VmFd,
+    chip_id: u32,
+    what: &'static str,
+) -> Result<Box<kvm_irqchip>, StateError> {
     let mut chip = Box::new(kvm_irqchip {
         chip_id,
         ..Default::default()
@@ -269,10 +279,7 @@ fn get_irqchip(fd: &VmFd, chip_id: u32, what: &'static str) -> Result<Box<kvm_ir
 
 /// Saves the VM's in-kernel devices and clock. Call with every vCPU out of KVM_RUN.
 pub fn save_vm(fd: &VmFd) -> Result<VmState, StateError> {
-    let mut clock = fd.get_clock().map_err(KvmCallError::on("KVM_GET_CLOCK"))?;
-    // The flags describe the reading (TSC-stable, realtime given); KVM_SET_CLOCK is given the
-    // clock alone.
-    clock.flags = 0;
+    let clock = fd.get_clock().map_err(KvmCallError::on("KVM_GET_CLOCK"))?;
     Ok(VmState {
         pic_master: get_irqchip(fd, KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
         pic_slave: get_irqchip(fd, KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
@@ -282,11 +289,27 @@ pub fn save_vm(fd: &VmFd) -> Result<VmState, StateError> {
     })
 }
 
-/// Restores the VM's in-kernel devices and clock (created by [`super::create_irqchip`]).
-pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
+/// Restores the VM's in-kernel devices and clock (created by [`super::create_irqchip`]). With
+/// `clock_realtime`, the guest's clock also moves on by the wall-clock time since the snapshot
+/// (KVM_CLOCK_REALTIME), when the saved reading carries the wall-clock time; otherwise it goes
+/// on from where it stood.
+pub fn restore_vm(fd: &VmFd, state: &VmState, clock_realtime: bool) -> Result<(), StateError> {
     fd.set_pit2(&state.pit)
         .map_err(KvmCallError::on("KVM_SET_PIT2"))?;
-    fd.set_clock(&state.clock)
+    let mut clock = state.clock;
+    // The saved flags describe the reading; KVM_SET_CLOCK takes KVM_CLOCK_REALTIME alone.
+    clock.flags = if clock_realtime && state.clock.flags & KVM_CLOCK_REALTIME != 0 {
+        KVM_CLOCK_REALTIME
+    } else {
+        if clock_realtime {
+            log::warn!(
+                "clock_realtime: the snapshot's clock reading has no wall-clock time (the \
+                 saving host's KVM is older than 5.16); the guest's clock goes on from the snapshot"
+            );
+        }
+        0
+    };
+    fd.set_clock(&clock)
         .map_err(KvmCallError::on("KVM_SET_CLOCK"))?;
     for (chip, what) in [
         (&state.pic_master, "KVM_SET_IRQCHIP (PIC master)"),

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vm_memory::GuestMemoryMmap;
+use devices::GuestMemoryMmap;
 
 use super::boot_params::{self, BootParamsError, ZeroPageInputs};
 use super::layout::{low_ram_end, LAST_DEVICE_GSI, VIRTIO_MMIO_START};

@@ -1,9 +1,10 @@
 //! An x86 vCPU's boot state (CPUID, boot MSRs, LAPIC LINT pins, registers for the entry
 //! protocol) and what a fatal-exit report reads from it (RIP, the instruction bytes there).
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::cpuid::{self, CpuidError};
 use super::regs::{self, EntryPoint, RegsError};
