@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
+pub use token_bucket::BucketBudget;
 use token_bucket::{Reduction, TokenBucket};
 
 /// Shortest timer the limiter arms. Waiting at least this long batches wake-ups when requests
@@ -166,7 +167,40 @@ pub struct RateLimiter {
     blocked: bool,
 }
 
+/// What a snapshot keeps of a rate limiter: each bucket's budget (`None` for a bucket that does
+/// not limit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimiterBudgets {
+    /// The bandwidth bucket's.
+    pub bandwidth: Option<BucketBudget>,
+    /// The operations bucket's.
+    pub ops: Option<BucketBudget>,
+}
+
 impl RateLimiter {
+    /// The buckets' budgets now, for a snapshot.
+    pub fn budgets(&self) -> RateLimiterBudgets {
+        let now = Instant::now();
+        RateLimiterBudgets {
+            bandwidth: self.bandwidth.as_ref().map(|b| b.budget_at(now)),
+            ops: self.ops.as_ref().map(|b| b.budget_at(now)),
+        }
+    }
+
+    /// Takes back a snapshot's budgets: a restored guest cannot start with full buckets what
+    /// it had spent. A bucket this limiter does not have is skipped.
+    pub fn restore_budgets(&mut self, saved: &RateLimiterBudgets) {
+        let now = Instant::now();
+        for (bucket, saved) in [
+            (self.bandwidth.as_mut(), saved.bandwidth.as_ref()),
+            (self.ops.as_mut(), saved.ops.as_ref()),
+        ] {
+            if let (Some(bucket), Some(saved)) = (bucket, saved) {
+                bucket.restore_budget(saved, now);
+            }
+        }
+    }
+
     /// Builds a limiter after [`validating`](RateLimiterConfig::validate) `config`. Absent buckets
     /// and buckets of size 0 do not limit. Buckets start full.
     pub fn new(config: &RateLimiterConfig) -> Result<Self, RateLimiterError> {
@@ -668,5 +702,54 @@ mod tests {
             r#"{"size":18446744073709551616,"refill_time":1}"#
         )
         .is_err());
+    }
+
+    /// A snapshot's budgets come back spent: a restored guest does not start with full buckets.
+    #[test]
+    fn budgets_survive_a_save_and_restore() {
+        let config = RateLimiterConfig {
+            bandwidth: Some(tb(1_000_000, Some(500), 3_600_000)),
+            ops: Some(tb(100, None, 3_600_000)),
+        };
+        let mut limiter = RateLimiter::new(&config).unwrap();
+        assert!(limiter.consume(600_000, TokenType::Bytes));
+        assert!(limiter.consume(40, TokenType::Ops));
+        let saved = limiter.budgets();
+        let ops = saved.ops.unwrap();
+        assert_eq!((ops.budget, ops.debt), (60, 0));
+        let bandwidth = saved.bandwidth.unwrap();
+        assert_eq!(bandwidth.one_time_burst, 0, "the burst was spent first");
+        assert!(
+            (400_500..=400_600).contains(&bandwidth.budget),
+            "{bandwidth:?}"
+        );
+
+        let json = serde_json::to_string(&saved).unwrap();
+        let mut restored = RateLimiter::new(&config).unwrap();
+        restored.restore_budgets(&serde_json::from_str(&json).unwrap());
+        assert!(
+            !restored.consume(61, TokenType::Ops),
+            "only 60 ops are left"
+        );
+        assert!(restored.consume(60, TokenType::Ops));
+        // A saved budget larger than this limiter's bucket is capped at its size.
+        let mut small = RateLimiter::new(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(tb(10, None, 3_600_000)),
+        })
+        .unwrap();
+        small.restore_budgets(&RateLimiterBudgets {
+            bandwidth: None,
+            ops: Some(BucketBudget {
+                budget: 1_000,
+                one_time_burst: 0,
+                debt: 0,
+            }),
+        });
+        assert!(small.consume(10, TokenType::Ops));
+        assert!(
+            !small.consume(1, TokenType::Ops),
+            "the bucket held 10, not 1000"
+        );
     }
 }

@@ -32,6 +32,17 @@ pub(crate) enum Reduction {
     OverConsumption { wait: Duration },
 }
 
+/// A bucket's spendable state, as a snapshot keeps it (plain data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketBudget {
+    /// Tokens in the bucket.
+    pub budget: u64,
+    /// Burst credit left.
+    pub one_time_burst: u64,
+    /// Tokens granted beyond the bucket, still to be repaid.
+    pub debt: u64,
+}
+
 /// A token bucket: holds up to `size` tokens, refilled continuously at `size` tokens per
 /// `refill_time` ms, plus a one-time burst credit that is spent first and never refilled.
 #[derive(Clone, Debug)]
@@ -87,6 +98,27 @@ impl TokenBucket {
             remainder: 0,
             last_update: now,
         })
+    }
+
+    /// What a snapshot keeps of the bucket: its tokens, burst credit and debt as of `now`.
+    pub(crate) fn budget_at(&self, now: Instant) -> BucketBudget {
+        let mut now_filled = self.clone();
+        now_filled.replenish(now);
+        BucketBudget {
+            budget: now_filled.budget,
+            one_time_burst: now_filled.one_time_burst,
+            debt: now_filled.debt,
+        }
+    }
+
+    /// Takes back what [`Self::budget_at`] gave (each value capped at what this bucket's
+    /// configuration allows), refilling from `now` on.
+    pub(crate) fn restore_budget(&mut self, saved: &BucketBudget, now: Instant) {
+        self.budget = saved.budget.min(self.size);
+        self.one_time_burst = saved.one_time_burst.min(self.initial_one_time_burst);
+        self.debt = saved.debt;
+        self.remainder = 0;
+        self.last_update = now;
     }
 
     /// Time for a full refill (`refill_time`), the cap for any timer armed on this bucket.

@@ -271,6 +271,35 @@ impl QueuePosition {
     }
 }
 
+/// A device's rate limiters' budgets as its snapshot state (`{"NAME": budgets, ...}`).
+pub fn save_limiters(limiters: &[(&str, &crate::rate_limiter::RateLimiter)]) -> serde_json::Value {
+    let map = limiters
+        .iter()
+        .map(|(name, limiter)| {
+            let budgets = serde_json::to_value(limiter.budgets()).unwrap_or_default();
+            ((*name).to_string(), budgets)
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// Takes back what [`save_limiters`] gave; a limiter the state does not name keeps its full
+/// buckets, a malformed entry is an error.
+pub fn restore_limiters(
+    state: &serde_json::Value,
+    limiters: &mut [(&str, &mut crate::rate_limiter::RateLimiter)],
+) -> Result<(), String> {
+    for (name, limiter) in limiters.iter_mut() {
+        if let Some(saved) = state.get(*name) {
+            let budgets: crate::rate_limiter::RateLimiterBudgets =
+                serde_json::from_value(saved.clone())
+                    .map_err(|e| format!("rate limiter {name}: {e}"))?;
+            limiter.restore_budgets(&budgets);
+        }
+    }
+    Ok(())
+}
+
 /// What a device holds between activation and reset: its queues, the guest memory they live
 /// in, and its interrupt line.
 pub trait ActiveState {

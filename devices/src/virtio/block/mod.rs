@@ -420,6 +420,14 @@ impl VirtioDevice for Block {
             .collect()
     }
 
+    fn save_state(&self) -> serde_json::Value {
+        super::save_limiters(&[("rate_limiter", &self.rate_limiter)])
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        super::restore_limiters(state, &mut [("rate_limiter", &mut self.rate_limiter)])
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters)
     }

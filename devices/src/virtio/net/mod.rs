@@ -609,6 +609,23 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             .collect()
     }
 
+    fn save_state(&self) -> serde_json::Value {
+        super::save_limiters(&[
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ])
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        super::restore_limiters(
+            state,
+            &mut [
+                ("rx_rate_limiter", &mut self.rx_rate_limiter),
+                ("tx_rate_limiter", &mut self.tx_rate_limiter),
+            ],
+        )
+    }
+
     fn metric_values(&self) -> Vec<(&'static str, u64)> {
         metrics::values(&self.counters())
     }
