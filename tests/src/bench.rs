@@ -148,12 +148,25 @@ pub fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// The resident memory of process `pid` and of its guest-memory mapping, in KiB, from
-/// /proc/PID/smaps. The guest-memory mapping is the anonymous one of `guest_bytes`, or up to
-/// 1 MiB more (Firecracker's includes its guard pages).
-pub fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+/// A process's memory in KiB, from /proc/PID/smaps: resident and proportional, in all and of
+/// its guest-memory mapping (the one mapping of `guest_bytes`, or up to 1 MiB more: Firecracker's
+/// includes its guard pages; anonymous after a boot, the memory file after a restore).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryKib {
+    /// Rss of the whole process.
+    pub rss: u64,
+    /// Pss of the whole process.
+    pub pss: u64,
+    /// Rss of guest memory.
+    pub guest_rss: u64,
+    /// Pss of guest memory.
+    pub guest_pss: u64,
+}
+
+/// The memory of process `pid`, whose guest has `guest_bytes` of RAM.
+pub fn memory_kib(pid: u32, guest_bytes: u64) -> Option<MemoryKib> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest) = (0, 0);
+    let mut kib = MemoryKib::default();
     let mut in_guest = false;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
@@ -163,18 +176,71 @@ pub fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
             let size = first.split_once('-').and_then(|(s, e)| {
                 Some(u64::from_str_radix(e, 16).ok()? - u64::from_str_radix(s, 16).ok()?)
             });
-            in_guest = size
-                .is_some_and(|size| (guest_bytes..=guest_bytes + (1 << 20)).contains(&size))
-                && fields.nth(4).is_none();
-        } else if first == "Rss:" {
-            let kib: u64 = fields.next()?.parse().ok()?;
-            total += kib;
+            in_guest =
+                size.is_some_and(|size| (guest_bytes..=guest_bytes + (1 << 20)).contains(&size));
+        } else if first == "Rss:" || first == "Pss:" {
+            let value: u64 = fields.next()?.parse().ok()?;
+            let (all, guest) = if first == "Rss:" {
+                (&mut kib.rss, &mut kib.guest_rss)
+            } else {
+                (&mut kib.pss, &mut kib.guest_pss)
+            };
+            *all += value;
             if in_guest {
-                guest += kib;
+                *guest += value;
             }
         }
     }
-    Some((total, guest))
+    Some(kib)
+}
+
+/// The resident memory of process `pid` and of its guest-memory mapping, in KiB
+/// ([`memory_kib`]).
+pub fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+    memory_kib(pid, guest_bytes).map(|kib| (kib.rss, kib.guest_rss))
+}
+
+/// One figure of a side-by-side benchmark: its samples for Firecracker and for Kiln.
+pub struct Figure {
+    /// What is measured.
+    pub name: &'static str,
+    /// Its unit.
+    pub unit: &'static str,
+    /// Firecracker's samples, then Kiln's.
+    pub samples: [Vec<f64>; 2],
+}
+
+impl Figure {
+    /// A figure without samples yet.
+    pub fn new(name: &'static str, unit: &'static str) -> Self {
+        Self {
+            name,
+            unit,
+            samples: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Prints the median, min and max for both, and Kiln / Firecracker of the medians.
+    pub fn print(&mut self) {
+        let stats = |v: &mut Vec<f64>| {
+            if v.is_empty() {
+                return (f64::NAN, f64::NAN, f64::NAN);
+            }
+            let med = median(v);
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (med, min, max)
+        };
+        let (fc, kiln) = self.samples.split_at_mut(1);
+        let (fm, fmin, fmax) = stats(&mut fc[0]);
+        let (km, kmin, kmax) = stats(&mut kiln[0]);
+        println!(
+            "{:<40} Firecracker {fm:>10.2} {u} [{fmin:.2} .. {fmax:.2}]   Kiln {km:>10.2} {u} [{kmin:.2} .. {kmax:.2}]   Kiln/FC {:.2}",
+            self.name,
+            km / fm,
+            u = self.unit
+        );
+    }
 }
 
 /// Sends one request on a new connection to the API socket `sock` and returns the answer's

@@ -19,17 +19,18 @@
 //! - a load with the `Uffd` backend gets its pages from a page-fault handler written from
 //!   Firecracker's protocol (tests/src/uffd_handler.rs), and counts on.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bench::memory_kib;
 use kiln_tests::uffd_handler::UffdHandler;
 use kiln_tests::vsock_proto::{connect_guest, pattern};
 use kiln_tests::{
-    api_call, die_with_test, kiln_bin, kvm_available, scratch_dir, wait_for_socket,
+    api_call, console_lines, die_with_test, kiln_bin, kvm_available, scratch_dir, wait_for_socket,
     write_script_drive, NetNs,
 };
 
@@ -73,7 +74,6 @@ struct Vmm {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
-    stderr: std::thread::JoinHandle<String>,
 }
 
 impl Vmm {
@@ -86,28 +86,14 @@ impl Vmm {
         die_with_test(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            // Kiln's log lines go to the test's output, where a failure shows them.
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn kiln");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut stderr_pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr_pipe.read_to_string(&mut text);
-            text
-        });
+        let (lines, _reader) = console_lines(&mut child);
         Self {
             child,
             lines,
             seen: Vec::new(),
-            stderr,
         }
     }
 
@@ -178,7 +164,6 @@ impl Vmm {
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = self.stderr.join();
     }
 }
 
@@ -220,29 +205,6 @@ fn vsock_echo(uds: &Path, seed: u32) {
     let mut back = Vec::new();
     s.read_to_end(&mut back).unwrap();
     assert!(back == data, "vsock echo differs ({} bytes)", back.len());
-}
-
-/// (Rss, Pss) in KiB of the process's guest-memory mapping.
-fn guest_memory_kib(pid: u32) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
-    let want = format!("{}", GUEST_MIB << 10);
-    let (mut in_guest, mut rss, mut pss) = (false, None, None);
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        match (fields.next(), fields.next()) {
-            (Some("Size:"), Some(kib)) => in_guest = kib == want,
-            (Some("Rss:"), Some(kib)) if in_guest => rss = kib.parse().ok(),
-            (Some("Pss:"), Some(kib)) if in_guest => {
-                pss = kib.parse().ok();
-                break;
-            }
-            _ => {}
-        }
-    }
-    (
-        rss.expect("guest mapping's Rss"),
-        pss.expect("guest mapping's Pss"),
-    )
 }
 
 fn allocated_kib(path: &Path) -> u64 {
@@ -563,9 +525,9 @@ fn a_snapshot_restores_clones_and_diffs() {
         vsock_echo(vsock, 10 + i as u32);
     }
     for (vmm, _) in &clones {
-        let (rss, pss) = guest_memory_kib(vmm.pid());
-        rss_sum += rss;
-        pss_sum += pss;
+        let kib = memory_kib(vmm.pid(), GUEST_MIB << 20).expect("smaps");
+        rss_sum += kib.guest_rss;
+        pss_sum += kib.guest_pss;
     }
     eprintln!("4 clones: guest memory Rss {rss_sum} KiB in all, Pss {pss_sum} KiB in all");
     assert!(

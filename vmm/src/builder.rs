@@ -169,6 +169,20 @@ struct Assembled {
     vcpus: Vec<Vcpu>,
 }
 
+impl Assembled {
+    /// The microVM these parts make on `mem`, described by `resources`.
+    fn into_microvm(self, mem: GuestMemoryMmap, resources: VmResources) -> MicroVm {
+        MicroVm::new(
+            self.vm,
+            mem,
+            self.devices,
+            self.event_loop,
+            self.vcpus,
+            resources,
+        )
+    }
+}
+
 /// Creates the VM on `mem`, the devices `config` names (the legacy ones in their reset state,
 /// or `snapshot`'s), the event loop and the vCPUs, and finishes the interrupt controller. A
 /// snapshot's interrupt controllers and clock are restored before any device exists, so an
@@ -311,14 +325,7 @@ pub fn build_microvm(
             );
         }
     }
-    Ok(MicroVm::new(
-        parts.vm,
-        mem,
-        parts.devices,
-        parts.event_loop,
-        parts.vcpus,
-        resources.clone(),
-    ))
+    Ok(parts.into_microvm(mem, resources.clone()))
 }
 
 /// Builds a microVM in a snapshot's state (`restore`), on `mem` (the snapshot's memory,
@@ -347,12 +354,5 @@ pub fn restore_microvm(
     for (vcpu, saved) in parts.vcpus.iter().zip(&state.vcpus) {
         vcpu.restore(saved)?;
     }
-    Ok(MicroVm::new(
-        parts.vm,
-        mem,
-        parts.devices,
-        parts.event_loop,
-        parts.vcpus,
-        resources.clone(),
-    ))
+    Ok(parts.into_microvm(mem, resources.clone()))
 }

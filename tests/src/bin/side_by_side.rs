@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, median, request_status, rss_kib};
+use kiln_tests::bench::{host_context, request_status, rss_kib, Figure};
 use kiln_tests::{kiln_bin, scratch_dir};
 use vmm::arch::HostQuirks;
 
@@ -38,42 +38,6 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule quie
 struct Vmm {
     name: &'static str,
     bin: PathBuf,
-}
-
-/// One figure's samples for both VMMs.
-struct Figure {
-    name: &'static str,
-    unit: &'static str,
-    /// Firecracker's, then Kiln's.
-    samples: [Vec<f64>; 2],
-}
-
-impl Figure {
-    fn new(name: &'static str, unit: &'static str) -> Self {
-        Self {
-            name,
-            unit,
-            samples: [Vec::new(), Vec::new()],
-        }
-    }
-
-    fn print(&mut self) {
-        let stats = |v: &mut Vec<f64>| {
-            let med = median(v);
-            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            (med, min, max)
-        };
-        let (fc, kiln) = self.samples.split_at_mut(1);
-        let (fm, fmin, fmax) = stats(&mut fc[0]);
-        let (km, kmin, kmax) = stats(&mut kiln[0]);
-        println!(
-            "{:<34} Firecracker {fm:>9.2} {u} [{fmin:.2} .. {fmax:.2}]   Kiln {km:>9.2} {u} [{kmin:.2} .. {kmax:.2}]   Kiln/FC {:.2}",
-            self.name,
-            km / fm,
-            u = self.unit
-        );
-    }
 }
 
 /// Kills `child` on drop, so a failed round leaves no VMM behind.

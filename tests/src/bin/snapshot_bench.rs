@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, median, request_status};
+use kiln_tests::bench::{host_context, memory_kib, request_status, Figure};
 use kiln_tests::{kiln_bin, scratch_dir, write_script_drive};
 use vmm::arch::HostQuirks;
 
@@ -41,44 +41,6 @@ const SCRIPT: &str = "i=0\nwhile true; do i=$((i+1)); echo \"KILN-T tick $i\"; s
 struct Vmm {
     name: &'static str,
     bin: PathBuf,
-}
-
-/// A figure's samples: Firecracker's, then Kiln's.
-struct Figure {
-    name: &'static str,
-    unit: &'static str,
-    samples: [Vec<f64>; 2],
-}
-
-impl Figure {
-    fn new(name: &'static str, unit: &'static str) -> Self {
-        Self {
-            name,
-            unit,
-            samples: [Vec::new(), Vec::new()],
-        }
-    }
-
-    fn print(&mut self) {
-        let stats = |v: &mut Vec<f64>| {
-            if v.is_empty() {
-                return (f64::NAN, f64::NAN, f64::NAN);
-            }
-            let med = median(v);
-            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            (med, min, max)
-        };
-        let (fc, kiln) = self.samples.split_at_mut(1);
-        let (fm, fmin, fmax) = stats(&mut fc[0]);
-        let (km, kmin, kmax) = stats(&mut kiln[0]);
-        println!(
-            "{:<40} Firecracker {fm:>10.2} {u} [{fmin:.2} .. {fmax:.2}]   Kiln {km:>10.2} {u} [{kmin:.2} .. {kmax:.2}]   Kiln/FC {:.2}",
-            self.name,
-            km / fm,
-            u = self.unit
-        );
-    }
 }
 
 /// A VMM process, killed on drop, whose console lines arrive on a channel.
@@ -213,38 +175,6 @@ fn load_body(state: &Path, mem: &Path) -> String {
     .to_string()
 }
 
-/// The process's (Rss, Pss) in all and of its guest-memory mapping (the one of the guest's
-/// size, up to 1 MiB more, whatever backs it), in KiB.
-fn memory_kib(pid: u32) -> Option<(u64, u64, u64, u64)> {
-    let guest_bytes = MEM_MIB << 20;
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut rss, mut pss, mut guest_rss, mut guest_pss) = (0, 0, 0, 0);
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            let size = first.split_once('-').and_then(|(s, e)| {
-                Some(u64::from_str_radix(e, 16).ok()? - u64::from_str_radix(s, 16).ok()?)
-            });
-            in_guest =
-                size.is_some_and(|size| (guest_bytes..=guest_bytes + (1 << 20)).contains(&size));
-        } else if first == "Rss:" || first == "Pss:" {
-            let kib: u64 = fields.next()?.parse().ok()?;
-            let (all, guest) = if first == "Rss:" {
-                (&mut rss, &mut guest_rss)
-            } else {
-                (&mut pss, &mut guest_pss)
-            };
-            *all += kib;
-            if in_guest {
-                *guest += kib;
-            }
-        }
-    }
-    Some((rss, pss, guest_rss, guest_pss))
-}
-
 /// One restore: (exec → API answer, → load answered, → next tick) in ms, and the RSS outside
 /// guest memory 1 s later in kB.
 fn restore(vmm: &Vmm, dir: &Path, state: &Path, mem: &Path) -> Option<[f64; 4]> {
@@ -266,13 +196,13 @@ fn restore(vmm: &Vmm, dir: &Path, state: &Path, mem: &Path) -> Option<[f64; 4]> 
     }
     let tick = running.next_tick()?;
     std::thread::sleep(Duration::from_secs(1));
-    let (rss, _, guest_rss, _) = memory_kib(running.pid())?;
+    let kib = memory_kib(running.pid(), MEM_MIB << 20)?;
     let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
     Some([
         ms(start, up),
         ms(start, loaded),
         ms(start, tick),
-        rss.saturating_sub(guest_rss) as f64,
+        kib.rss.saturating_sub(kib.guest_rss) as f64,
     ])
 }
 
@@ -293,9 +223,9 @@ fn clones(vmm: &Vmm, dir: &Path, state: &Path, mem: &Path, count: usize) -> Opti
     }
     let (mut pss, mut guest_pss) = (0, 0);
     for r in &running {
-        let (_, p, _, g) = memory_kib(r.pid())?;
-        pss += p;
-        guest_pss += g;
+        let kib = memory_kib(r.pid(), MEM_MIB << 20)?;
+        pss += kib.pss;
+        guest_pss += kib.guest_pss;
     }
     Some((pss as f64, guest_pss as f64))
 }

@@ -7,7 +7,7 @@
 //! one file shares the pages none of them wrote.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -111,14 +111,7 @@ pub fn save(
     };
     let layout = layout_of(mem);
     let total: u64 = layout.iter().map(|r| r.size).sum();
-    // Owner-only: the file is the guest's memory.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
+    let file = super::create_owner_only(path).map_err(io)?;
     file.set_len(total).map_err(io)?;
     let mut buf = vec![0u8; CHUNK];
     for (number, (region, guest_region)) in layout.iter().zip(mem.iter()).enumerate() {

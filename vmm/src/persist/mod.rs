@@ -113,8 +113,7 @@ pub enum SnapshotError {
     Inconsistent(String),
 }
 
-/// Writes `state` to a new file at `path` (mode 0600: it holds the guest's state; replacing a
-/// file there).
+/// Writes `state` to a new file at `path` ([`create_owner_only`]).
 pub fn write_state(state: &MicrovmState, path: &Path) -> Result<(), SnapshotError> {
     let fail = |source| SnapshotError::StateFile {
         path: path.to_path_buf(),
@@ -122,15 +121,20 @@ pub fn write_state(state: &MicrovmState, path: &Path) -> Result<(), SnapshotErro
     };
     let bytes = format::encode(state).map_err(fail)?;
     let io = |e: std::io::Error| fail(format::FormatError::Io(e));
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = create_owner_only(path).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// Creates (or truncates) the file at `path` for writing, mode 0600: snapshot files hold the
+/// guest's state and memory, for their owner alone.
+pub fn create_owner_only(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(io)?;
-    file.write_all(&bytes).map_err(io)?;
-    file.sync_all().map_err(io)
 }
 
 /// Reads and checks the state file at `path` (a regular file, opened without blocking).
