@@ -415,6 +415,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
         "entropy",
         "uart",
         "i8042",
+        "rtc",
         "vcpu",
         "mmds",
     ] {

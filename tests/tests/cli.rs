@@ -398,6 +398,8 @@ fn log_and_metrics_flags() {
     // The reset went through the i8042 (Firecracker's group and names).
     assert_eq!(lines[0]["i8042"]["reset_count"], 1, "{}", lines[0]);
     assert_eq!(lines[0]["i8042"]["write_count"], 1, "{}", lines[0]);
+    // The CMOS clock's group (Firecracker's `rtc`): this guest never touched it.
+    assert_eq!(lines[0]["rtc"]["missed_write_count"], 0, "{}", lines[0]);
 
     // Errors only, with the level shown: a failing guest's last word is there, nothing else.
     let fault = write(
@@ -573,4 +575,70 @@ fn started_as_firecracker_it_answers_as_firecracker() {
     let cpu = api["process_startup_time_cpu_us"].as_u64().unwrap();
     assert!(wall >= 2_000_000, "counted from --start-time-us: {api}");
     assert!(cpu >= 1000, "the parent's CPU time is added: {api}");
+}
+
+/// Firecracker's snapshot flags: `--snapshot-version` prints the format Kiln writes,
+/// `--describe-snapshot` a state file's (read from its header), and the `kiln snapshot`
+/// subcommands do the same and merge memory files; bad files are one line and status 2.
+#[test]
+fn snapshot_version_describe_and_merge() {
+    let dir = scratch_dir("snapshot-flags");
+    let out = run_kiln(&["--snapshot-version"], Duration::from_secs(10));
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), "v1.0.0");
+    let state = dir.join("vm.state");
+    std::fs::write(&state, vmm::persist::format::frame(b"{}")).unwrap();
+    for args in [
+        vec!["--describe-snapshot", state.to_str().unwrap()],
+        vec!["snapshot", "describe", state.to_str().unwrap()],
+    ] {
+        let out = run_kiln(&args, Duration::from_secs(10));
+        assert_eq!(out.code(), 0, "{args:?}: {out:?}");
+        assert_eq!(out.stdout.trim(), "v1.0.0", "{args:?}");
+    }
+    let not_state = write(
+        &dir,
+        "kernel",
+        b"\x7fELF and then a kernel image, not a snapshot",
+    );
+    for path in [
+        not_state.as_str(),
+        "/nonexistent/vm.state",
+        dir.to_str().unwrap(),
+    ] {
+        let out = run_kiln(&["--describe-snapshot", path], Duration::from_secs(10));
+        assert_eq!(out.code(), 2, "{path}: {out:?}");
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{path}: {out:?}");
+    }
+
+    // A Diff's data ranges go over the base; holes leave the base as it was.
+    let base = dir.join("base.mem");
+    let diff = dir.join("diff.mem");
+    std::fs::write(&base, vec![1u8; 64 << 10]).unwrap();
+    let file = std::fs::File::create(&diff).unwrap();
+    file.set_len(64 << 10).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[9u8; 4096], 8192).unwrap();
+    drop(file);
+    let out = run_kiln(
+        &[
+            "snapshot",
+            "merge",
+            base.to_str().unwrap(),
+            diff.to_str().unwrap(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    let merged = std::fs::read(&base).unwrap();
+    assert!(merged[..8192].iter().all(|&b| b == 1));
+    assert!(merged[8192..12288].iter().all(|&b| b == 9));
+    assert!(merged[12288..].iter().all(|&b| b == 1));
+    let short = write(&dir, "short.mem", &[0u8; 4096]);
+    let out = run_kiln(
+        &["snapshot", "merge", base.to_str().unwrap(), &short],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert!(out.stderr.contains("4096 bytes"), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

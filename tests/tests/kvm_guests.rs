@@ -81,6 +81,7 @@ fn tiny_guest(code: &[u8], entry: EntryPoint, io_bus: Bus, mmio_bus: Bus) -> Tin
     write_zero_page(&mem, &params).unwrap();
     let mut vm = Vm::new(&kvm).unwrap();
     vm.register_memory(&mem, true).unwrap();
+    vm.create_irqchip().unwrap();
     let caps = Arc::new(StateCaps::of(&kvm).unwrap());
     let vcpu = Vcpu::new(&vm, 0, io_bus, mmio_bus, mem.clone(), caps).unwrap();
     vcpu.configure(&kvm, 1, entry).unwrap();
@@ -343,6 +344,7 @@ fn a_saved_vcpu_goes_on_where_it_stopped_in_a_new_vm() {
     assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 3);
     let mut vm = Vm::new(&kvm).unwrap();
     vm.register_memory(&mem, false).unwrap();
+    vm.create_irqchip().unwrap();
     let reporter = Arc::new(Mutex::new(Reporter::default()));
     let mut io_bus = Bus::new();
     io_bus

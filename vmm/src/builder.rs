@@ -1,8 +1,13 @@
-//! Assembles a microVM (booted from a kernel, or restored from a snapshot), top to bottom: the resources checked into a [`VmConfig`] → memory → kernel and initrd → VM → device backends →
-//! console → devices (each registered in the device registry, which hands out its slot) → vCPUs
-//! → the rest of the interrupt controller → the command line announcing the registry's devices
-//! and the boot structures → the vCPUs' boot state. Every architecture-specific step is a call
-//! into [`crate::arch`].
+//! Assembles a microVM, booted from a kernel or restored from a snapshot, top to bottom.
+//!
+//! A boot: the resources checked into a [`VmConfig`] → memory → kernel and initrd → VM (its
+//! memory slots, then its interrupt controller) → device backends → console → devices (each
+//! registered in the device registry, which hands out its slot) → vCPUs → the rest of the
+//! interrupt controller → the command line announcing the registry's devices and the boot
+//! structures → the vCPUs' boot state. A restore: the same VM and devices on the snapshot's
+//! memory, with the saved interrupt controllers restored before any device exists, then each
+//! device's and vCPU's saved state instead of boot structures. Every architecture-specific step
+//! is a call into [`crate::arch`].
 //!
 //! Everything the user can get wrong (images, command line, disk files, TAPs) is checked before
 //! the console file is created, so bad input leaves nothing behind: the command line's room for
@@ -197,6 +202,7 @@ fn assemble(
 ) -> Result<Assembled, BuildError> {
     let mut vm = Vm::new(kvm)?;
     vm.register_memory(mem, config.track_dirty_pages)?;
+    vm.create_irqchip()?;
     if let Some(restore) = snapshot {
         arch::restore_vm(vm.fd(), &restore.state.vm, restore.clock_realtime)
             .map_err(SnapshotError::from)?;

@@ -9,6 +9,7 @@
 //! start paused and are released only once every other thread, the main one last, is confined.
 
 use std::io::Read;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,6 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use api::outcome::{VmmActionError, VmmOutcome};
 use api::routes::ApiRequest;
-
-use std::path::Path;
 
 use crate::arch;
 use crate::device_manager::DeviceManager;
@@ -133,15 +132,15 @@ impl Vmm {
         let vcpus = persist::save_vcpus(self.handles.len(), |index, timeout| {
             self.handles[index].requests.save_state(timeout)
         })?;
-        let vm = arch::save_vm(self.vm.fd())?;
         let legacy = self.devices.save_legacy();
-        let (virtio, memory) = self.devices.save_virtio(|| {
+        // With every device locked, no device raises an interrupt or touches memory: the
+        // interrupt controllers, the devices and memory are saved at one instant.
+        let (virtio, saved) = self.devices.save_virtio(|| {
+            let vm = arch::save_vm(self.vm.fd())?;
             // KVM's log is taken (and cleared) with every snapshot, so a Diff holds what the
             // guest wrote since the last one.
             let kvm_log = if self.vm.tracks_dirty_pages() {
-                self.vm
-                    .take_dirty_log(&self.mem)
-                    .map_err(|e| SnapshotError::Inconsistent(e.to_string()))?
+                self.vm.take_dirty_log(&self.mem)?
             } else {
                 Vec::new()
             };
@@ -150,11 +149,13 @@ impl Vmm {
             } else {
                 persist::memory::Pages::All
             };
-            Ok::<_, SnapshotError>(persist::memory::save(&self.mem, mem_path, pages)?)
+            let memory = persist::memory::save(&self.mem, mem_path, pages)?;
+            Ok::<_, SnapshotError>((vm, memory))
         });
+        let (vm, memory) = saved?;
         let state = MicrovmState {
             vm_config: self.resources.full_config(),
-            memory: memory?,
+            memory,
             vm,
             vcpus,
             legacy,

@@ -14,7 +14,9 @@
 //!  "entropy":{...}, "vsock":{...},              the entropy and vsock devices
 //!  "balloon":{...},                             the balloon
 //!  "uart":{...},                                the serial console's output
-//!  "latencies_us":{...},                       while the API is served (pause, resume)
+//!  "i8042":{...}, "rtc":{...},                  the keyboard controller and the CMOS clock
+//!  "latencies_us":{...},                       while the API is served (pause, resume,
+//!                                               snapshot create and load)
 //!  "logger":{...}, "signals":{...}, "vcpu":{...}, "vmm":{...}}
 //! ```
 //!

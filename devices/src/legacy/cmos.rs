@@ -97,10 +97,22 @@ impl CivilTime {
     }
 }
 
+/// What the guest did with the clock that it has no effect for, under Firecracker's `rtc`
+/// metric names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RtcCounters {
+    /// Reads of the write-only index port.
+    pub missed_read_count: u64,
+    /// Writes to registers the clock keeps itself (the time, status A, C and D), which change
+    /// nothing.
+    pub missed_write_count: u64,
+}
+
 /// The clock and its NVRAM.
 pub struct CmosRtc {
     index: u8,
     nvram: [u8; 128],
+    counters: RtcCounters,
     /// The wall clock, in seconds since the Unix epoch (the host's, or a test's).
     now: Box<dyn Fn() -> i64 + Send>,
 }
@@ -136,8 +148,17 @@ impl CmosRtc {
         Self {
             index: 0,
             nvram,
+            counters: RtcCounters::default(),
             now,
         }
+    }
+
+    /// The counters under Firecracker's `rtc` metric field names.
+    pub fn metric_values(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("missed_read_count", self.counters.missed_read_count),
+            ("missed_write_count", self.counters.missed_write_count),
+        ]
     }
 
     /// What a snapshot keeps of the clock: its index register and NVRAM (the time is the
@@ -194,7 +215,7 @@ impl CmosRtc {
             | reg::CENTURY
             | reg::STATUS_A
             | reg::STATUS_C
-            | reg::STATUS_D => {}
+            | reg::STATUS_D => self.counters.missed_write_count += 1,
             // 24-hour mode stays on: the clock has no 12-hour form.
             reg::STATUS_B => self.nvram[usize::from(index)] = value | STATUS_B_24H,
             other => self.nvram[usize::from(other & 0x7f)] = value,
@@ -207,7 +228,10 @@ impl BusDevice for CmosRtc {
         let value = match offset {
             1 => self.register(self.index),
             // The index port is write-only on a PC; it reads as the floating bus does.
-            _ => 0xff,
+            _ => {
+                self.counters.missed_read_count += 1;
+                0xff
+            }
         };
         data.fill(value);
     }
@@ -294,5 +318,20 @@ mod tests {
         rtc.read(0, &mut index);
         assert_eq!(index[0], 0xff);
         rtc.write(1, &[]);
+    }
+
+    #[test]
+    fn accesses_that_do_nothing_are_counted() {
+        let mut rtc = CmosRtc::with_clock(Box::new(|| 0));
+        let mut value = [0u8];
+        rtc.read(0, &mut value);
+        rtc.write(0, &[reg::SECONDS]);
+        rtc.write(1, &[0x30]);
+        rtc.write(0, &[0x40]);
+        rtc.write(1, &[0x30]);
+        assert_eq!(
+            rtc.metric_values(),
+            [("missed_read_count", 1), ("missed_write_count", 1)]
+        );
     }
 }

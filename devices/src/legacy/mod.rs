@@ -14,7 +14,7 @@ mod serial;
 
 pub use boot_timer::{process_cpu_time, BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_MAGIC};
 
-pub use cmos::{CivilTime, CmosRtc, CMOS_PORT_BASE, CMOS_PORT_LEN};
+pub use cmos::{CivilTime, CmosRtc, RtcCounters, CMOS_PORT_BASE, CMOS_PORT_LEN};
 pub use i8042::{I8042Error, I8042};
 pub use i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 pub use serial::{

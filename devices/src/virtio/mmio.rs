@@ -573,6 +573,12 @@ impl MmioTransport {
                 // Only fails if the counter would overflow: a pass is already due.
                 let _ = evt.write(1);
             }
+            // An interrupt the saved driver had not acknowledged is raised again: whether the
+            // saved interrupt controller still held it pending or not, the driver then reads
+            // the status and serves it (a spurious one is only read and acknowledged).
+            if state.interrupt_status != 0 {
+                self.interrupt.reraise();
+            }
         }
         Ok(())
     }
@@ -1105,6 +1111,8 @@ mod tests {
             read(&mut restored, reg::INTERRUPT_STATUS),
             super::super::INT_USED_RING
         );
+        // The interrupt the driver had not acknowledged is raised again.
+        assert_eq!(restored.interrupt().irqfd().read().unwrap(), 1);
         assert_eq!(read(&mut restored, reg::CONFIG), 0xabcd);
         let dev = restored_dev.lock().unwrap();
         assert_eq!(dev.acked, features::VERSION_1 | features::RING_EVENT_IDX);

@@ -129,6 +129,12 @@ impl Interrupt {
         self.status.store(bits, Ordering::Release);
     }
 
+    /// Raises the interrupt line again for the bits already set (a restored device).
+    pub fn reraise(&self) {
+        // Only fails if the counter would overflow: the interrupt is pending already.
+        let _ = self.irqfd.write(1);
+    }
+
     /// Clears every bit and the reset request (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);

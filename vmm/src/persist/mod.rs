@@ -88,6 +88,9 @@ pub enum SnapshotError {
     /// The VM's in-kernel state could not be saved or restored.
     #[error(transparent)]
     KvmState(#[from] arch::StateError),
+    /// KVM's dirty-page log could not be read.
+    #[error(transparent)]
+    DirtyLog(#[from] crate::vstate::vm::VmError),
     /// The state file could not be written, read or checked.
     #[error("snapshot file {path}: {source}")]
     StateFile {

@@ -109,7 +109,11 @@ impl LegacyDevices {
     /// `uart` is the registry's own).
     pub fn metric_sources(&self) -> Vec<(&'static str, MetricSource)> {
         let i8042 = self.i8042.clone();
-        vec![("i8042", Arc::new(move || locked(&i8042).metric_values()))]
+        let cmos = self.cmos.clone();
+        vec![
+            ("i8042", Arc::new(move || locked(&i8042).metric_values())),
+            ("rtc", Arc::new(move || locked(&cmos).metric_values())),
+        ]
     }
 
     /// Sends the guest Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`), through the keyboard.
