@@ -278,7 +278,15 @@ fn serve(
     let mut controller = ApiController::new(args.id, resources).with_mmds(mmds);
     let quirks = HostQuirks::detect();
     let start = |controller: &ApiController, request: &StartRequest| match request {
-        StartRequest::Boot => controller.start(&kvm, &quirks).map_err(|e| e.to_string()),
+        StartRequest::Boot => {
+            let microvm = controller.start(&kvm, &quirks).map_err(|e| e.to_string())?;
+            // Said of a boot only: a restored guest is not booted, and its command line was
+            // the snapshotted guest's.
+            if let Some(line) = quirks.describe() {
+                log::info!("{line}");
+            }
+            Ok(microvm)
+        }
         StartRequest::Load(params) => {
             let started = std::time::Instant::now();
             let microvm = controller
@@ -308,9 +316,6 @@ fn serve(
             }
         }
     };
-    if let Some(line) = quirks.describe() {
-        log::info!("{line}");
-    }
     let result = microvm.run_with(false, filters, tx, rx, &mut |request, vm| {
         controller.runtime(request, vm)
     });
