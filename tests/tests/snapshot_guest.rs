@@ -195,16 +195,36 @@ fn load_body(state: &Path, mem: &Path, tap: &str, vsock: &Path, extra: &str) -> 
 }
 
 /// Echoes a pattern through the guest's vsock server, on a connection made now.
+///
+/// A connection made just after a restore can race the guest's handling of the transport reset
+/// event: when the guest accepts it first, the reset then closes it on the guest's side without
+/// a word to the host (Linux resets its connected sockets silently), and the echo never comes.
+/// Clients of a restored VM reconnect; so does this, once per stalled try, and says so.
 fn vsock_echo(uds: &Path, seed: u32) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut s = connect_guest(uds, GUEST_PORT, deadline);
     let data = pattern(seed, 16 << 10);
-    s.write_all(b"ECHO\n").unwrap();
-    s.write_all(&data).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap();
-    assert!(back == data, "vsock echo differs ({} bytes)", back.len());
+    for attempt in 1..=3 {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut s = connect_guest(uds, GUEST_PORT, deadline);
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"ECHO\n").unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        match s.read_to_end(&mut back) {
+            Ok(_) if back == data => return,
+            // The guest's reset of the connection, seen as an early end (its RST).
+            Ok(_) => eprintln!(
+                "vsock echo, try {attempt}: ended after {} of {} bytes; reconnecting",
+                back.len(),
+                data.len()
+            ),
+            Err(e) => eprintln!(
+                "vsock echo, try {attempt}: {e} after {} bytes; reconnecting",
+                back.len()
+            ),
+        }
+    }
+    panic!("no vsock echo in 3 tries on {}", uds.display());
 }
 
 fn allocated_kib(path: &Path) -> u64 {
