@@ -200,6 +200,51 @@ pub fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
     memory_kib(pid, guest_bytes).map(|kib| (kib.rss, kib.guest_rss))
 }
 
+/// One VMM a side-by-side benchmark runs.
+pub struct Vmm {
+    /// `firecracker` or `kiln`.
+    pub name: &'static str,
+    /// Its binary.
+    pub bin: PathBuf,
+}
+
+/// Firecracker (`FIRECRACKER_BIN`, else the anchor at `../shared/anchors/firecracker`), then
+/// Kiln: what every side-by-side benchmark runs, in that order. Without Firecracker the
+/// benchmark `bench` says so and exits 2.
+pub fn firecracker_then_kiln(bench: &str) -> [Vmm; 2] {
+    let firecracker = std::env::var_os("FIRECRACKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/anchors/firecracker"
+            ))
+        });
+    if !firecracker.exists() {
+        eprintln!("{bench}: no Firecracker at {}", firecracker.display());
+        std::process::exit(2);
+    }
+    [
+        Vmm {
+            name: "firecracker",
+            bin: firecracker,
+        },
+        Vmm {
+            name: "kiln",
+            bin: crate::kiln_bin(),
+        },
+    ]
+}
+
+/// `base` with this host's compat parameters: the one command line both VMMs get (Kiln adds
+/// them itself, again harmlessly; Firecracker needs them given).
+pub fn same_cmdline(base: &str) -> String {
+    std::iter::once(base)
+        .chain(vmm::arch::HostQuirks::detect().guest_cmdline())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One figure of a side-by-side benchmark: its samples for Firecracker and for Kiln.
 pub struct Figure {
     /// What is measured.

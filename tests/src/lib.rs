@@ -155,6 +155,15 @@ pub fn write_script_drive(path: &std::path::Path, script: &str) {
     std::fs::write(path, bytes).expect("script drive");
 }
 
+/// Writes a guest tool (a static binary from the guest images) as a raw drive image, padded
+/// with zeros to whole 4 KiB blocks; the guest copies its first `tool.len()` bytes out with
+/// `head -c`.
+pub fn write_tool_drive(path: &std::path::Path, tool: &[u8]) -> std::io::Result<()> {
+    let mut padded = tool.to_vec();
+    padded.resize(tool.len().div_ceil(4096) * 4096, 0);
+    std::fs::write(path, padded)
+}
+
 /// A network namespace that exists while this value lives, so a test's traffic never leaves it.
 pub struct NetNs {
     name: String,

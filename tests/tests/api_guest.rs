@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line};
 use kiln_tests::{
     api_call as call, die_with_test, kiln_bin, kvm_available, scratch_dir, sha256_file,
-    spawn_piped, wait_for_socket, wait_with_deadline, write_script_drive, NetNs,
+    spawn_piped, wait_for_socket, wait_with_deadline, write_script_drive, write_tool_drive, NetNs,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -191,9 +191,7 @@ fn kata_style_boot_hotplug_pause_and_ctrl_alt_del_then_config_file() {
     let script = dir.join("script.img");
     write_script_drive(&script, &api_boot_script(tool_bytes.len()));
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool_bytes.clone();
-    padded.resize(tool_bytes.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded).unwrap();
+    write_tool_drive(&tool_drive, &tool_bytes).unwrap();
     let placeholder = dir.join("placeholder.img");
     std::fs::write(&placeholder, [0u8; 4096]).unwrap();
     let real = dir.join("real.img");

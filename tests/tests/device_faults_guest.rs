@@ -31,7 +31,7 @@ use kiln_tests::seccomp_log::{self, seccomp_args};
 use kiln_tests::vsock_proto::read_line;
 use kiln_tests::{
     console_lines, die_with_test, digest, ensure_command, kiln_bin, kvm_available, marker,
-    scratch_dir, sha256_file, wait_for_exit, write_script_drive, NetNs,
+    scratch_dir, sha256_file, wait_for_exit, write_script_drive, write_tool_drive, NetNs,
 };
 
 const TOOL: &str = "kiln-vsock";
@@ -370,9 +370,7 @@ fn a_guest_meets_a_full_disk_eio_a_deleted_tap_and_an_fd_limit_and_goes_on() {
     assert!(tool.len() >= FLUSHED_BYTES, "the tool is the flushed data");
     let dir = scratch_dir("device-faults");
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool.clone();
-    padded.resize(tool.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded).unwrap();
+    write_tool_drive(&tool_drive, &tool).unwrap();
     let script = dir.join("script.img");
     write_script_drive(&script, &guest_script(tool.len()));
 

@@ -31,7 +31,7 @@ use kiln_tests::uffd_handler::UffdHandler;
 use kiln_tests::vsock_proto::{connect_guest, pattern};
 use kiln_tests::{
     api_call, console_lines, die_with_test, kiln_bin, kvm_available, scratch_dir, wait_for_socket,
-    write_script_drive, NetNs,
+    write_script_drive, write_tool_drive, NetNs,
 };
 
 const TOOL: &str = "kiln-vsock";
@@ -255,9 +255,7 @@ fn a_snapshot_restores_clones_and_diffs() {
     let tool = std::fs::read(images.vmlinux.parent().unwrap().join(TOOL)).expect(TOOL);
     let dir = scratch_dir("snapshot-guest");
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool.clone();
-    padded.resize(tool.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded).unwrap();
+    write_tool_drive(&tool_drive, &tool).unwrap();
     let script = dir.join("script.img");
     write_script_drive(&script, &guest_script(tool.len()));
     let data = dir.join("data.img");

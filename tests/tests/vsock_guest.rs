@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line, Fnv64};
 use kiln_tests::{
     kiln_bin, kvm_available, scratch_dir, spawn_piped, wait_with_deadline, write_script_drive,
+    write_tool_drive,
 };
 
 const TOOL: &str = "kiln-vsock";
@@ -280,9 +281,7 @@ fn hybrid_vsock_streams_both_ways() {
     });
     let dir = scratch_dir("vsock-guest");
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool_bytes.clone();
-    padded.resize(tool_bytes.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded).unwrap();
+    write_tool_drive(&tool_drive, &tool_bytes).unwrap();
     let script = dir.join("script.img");
     write_script_drive(&script, &guest_script(tool_bytes.len()));
 

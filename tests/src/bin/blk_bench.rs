@@ -25,7 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_tests::bench::{clock_ticks_per_second, host_context, CpuSample as Sample, Sampler};
-use kiln_tests::{kiln_bin, scratch_dir, write_script_drive};
+use kiln_tests::{kiln_bin, scratch_dir, write_script_drive, write_tool_drive};
 
 /// The modes, in the order the guest runs them (reads after writes: they read written blocks).
 const MODES: [&str; 4] = ["seq-write", "seq-read", "rand-write", "rand-read"];
@@ -283,9 +283,7 @@ fn main() {
         .and_then(|f| f.set_len(opts.disk_mib << 20))
         .unwrap_or_else(|e| die(&format!("{}: {e}", disk.display())));
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool_bytes.clone();
-    padded.resize(tool_bytes.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded)
+    write_tool_drive(&tool_drive, &tool_bytes)
         .unwrap_or_else(|e| die(&format!("{}: {e}", tool_drive.display())));
     let script = dir.join("script.img");
     write_script_drive(&script, &guest_script(tool_bytes.len(), opts.mib));

@@ -25,20 +25,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, request_status, rss_kib, Figure};
-use kiln_tests::{kiln_bin, scratch_dir};
-use vmm::arch::HostQuirks;
+use kiln_tests::bench::{
+    firecracker_then_kiln, host_context, request_status, rss_kib, same_cmdline, Figure, Vmm,
+};
+use kiln_tests::scratch_dir;
 
 const MEM_MIB: u64 = 128;
 const INIT_MARKER: &str = "KILN-GUEST-INIT-OK";
 const DEADLINE: Duration = Duration::from_secs(600);
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule quiet";
-
-/// One VMM under test.
-struct Vmm {
-    name: &'static str,
-    bin: PathBuf,
-}
 
 /// Kills `child` on drop, so a failed round leaves no VMM behind.
 struct Running(Child);
@@ -167,35 +162,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let firecracker = std::env::var_os("FIRECRACKER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/anchors/firecracker"
-            ))
-        });
-    if !firecracker.exists() {
-        eprintln!("side-by-side: no Firecracker at {}", firecracker.display());
-        std::process::exit(2);
-    }
-    let vmms = [
-        Vmm {
-            name: "firecracker",
-            bin: firecracker,
-        },
-        Vmm {
-            name: "kiln",
-            bin: kiln_bin(),
-        },
-    ];
-    // The same command line for both: this host's compat parameters, which Kiln adds itself
-    // (again, harmlessly) and Firecracker needs given.
-    let quirks = HostQuirks::detect();
-    let cmdline: String = std::iter::once(BASE_CMDLINE)
-        .chain(quirks.guest_cmdline())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let vmms = firecracker_then_kiln("side-by-side");
+    let cmdline = same_cmdline(BASE_CMDLINE);
     let dir = scratch_dir("side-by-side");
     let config = config_file(&dir, &cmdline);
     println!("side-by-side: {}", host_context());

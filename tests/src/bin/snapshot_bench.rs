@@ -27,21 +27,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_tests::bench::{host_context, memory_kib, request_status, Figure};
-use kiln_tests::{kiln_bin, scratch_dir, write_script_drive};
-use vmm::arch::HostQuirks;
+use kiln_tests::bench::{
+    firecracker_then_kiln, host_context, memory_kib, request_status, same_cmdline, Figure, Vmm,
+};
+use kiln_tests::{scratch_dir, write_script_drive};
 
 const MEM_MIB: u64 = 128;
 const DEADLINE: Duration = Duration::from_secs(900);
 const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodule quiet kiln.script=/dev/vdb";
 const SCRIPT: &str = "i=0\nwhile true; do i=$((i+1)); echo \"KILN-T tick $i\"; sleep 0.5; done\n";
-
-/// One VMM under test.
-struct Vmm {
-    name: &'static str,
-    bin: PathBuf,
-}
 
 /// A VMM process, killed on drop, whose console lines arrive on a channel.
 struct Running {
@@ -235,36 +230,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
-    let firecracker = std::env::var_os("FIRECRACKER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/anchors/firecracker"
-            ))
-        });
-    if !firecracker.exists() {
-        eprintln!(
-            "snapshot-bench: no Firecracker at {}",
-            firecracker.display()
-        );
-        std::process::exit(2);
-    }
-    let vmms = [
-        Vmm {
-            name: "firecracker",
-            bin: firecracker,
-        },
-        Vmm {
-            name: "kiln",
-            bin: kiln_bin(),
-        },
-    ];
-    let quirks = HostQuirks::detect();
-    let cmdline: String = std::iter::once(BASE_CMDLINE)
-        .chain(quirks.guest_cmdline())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let vmms = firecracker_then_kiln("snapshot-bench");
+    let cmdline = same_cmdline(BASE_CMDLINE);
     let dir = scratch_dir("snapshot-bench");
     let script = dir.join("script.img");
     write_script_drive(&script, SCRIPT);

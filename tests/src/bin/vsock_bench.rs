@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use kiln_tests::bench::{clock_ticks_per_second, host_context, CpuSample, Sampler};
 use kiln_tests::vsock_proto::{connect_guest, fnv64, fnv_hex, pattern, read_line};
-use kiln_tests::{kiln_bin, scratch_dir, write_script_drive};
+use kiln_tests::{kiln_bin, scratch_dir, write_script_drive, write_tool_drive};
 
 const TOOL: &str = "kiln-vsock";
 const MEM_MIB: u64 = 256;
@@ -153,9 +153,7 @@ fn main() {
     });
     let dir = scratch_dir("vsock-bench");
     let tool_drive = dir.join("tool.img");
-    let mut padded = tool_bytes.clone();
-    padded.resize(tool_bytes.len().div_ceil(4096) * 4096, 0);
-    std::fs::write(&tool_drive, &padded)
+    write_tool_drive(&tool_drive, &tool_bytes)
         .unwrap_or_else(|e| die(&format!("{}: {e}", tool_drive.display())));
     let script = dir.join("script.img");
     write_script_drive(&script, &guest_script(tool_bytes.len()));
