@@ -14,6 +14,7 @@
 pub mod balloon;
 pub mod block;
 pub mod common;
+pub mod fs;
 pub mod guest_errors;
 pub mod mmio;
 pub mod net;
@@ -40,6 +41,8 @@ pub mod device_type {
     pub const BALLOON: u32 = 5;
     /// Socket device.
     pub const VSOCK: u32 = 19;
+    /// File system device (virtio-fs).
+    pub const FS: u32 = 26;
 }
 
 /// Device status bits (virtio 1.x, 2.1).
