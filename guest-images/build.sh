@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build Kiln's guest images: a minimal Linux 6.12 kernel for KVM microVMs, a
-# busybox root filesystem (ext4 image and uncompressed initramfs) and the static
-# guest tools of tools/*.c (benchmarks, kept out of both root filesystems).
+# busybox root filesystem (ext4 image and uncompressed initramfs), the static
+# guest tools of tools/*.c (benchmarks, kept out of both root filesystems) and
+# run-initramfs.cpio, whose only program is the `kiln run` init (run/init.c).
 #
 # Usage: guest-images/build.sh
 #   stdout: exactly one line, the absolute path of the output directory
@@ -10,10 +11,11 @@
 #
 # Output: ${KILN_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/guest-images}/<hash>/
 #   vmlinux  bzImage  System.map  kernel.config  rootfs.ext4  initramfs.cpio
-#   kiln-blkbench  kiln-vsock  manifest.txt
+#   run-initramfs.cpio  kiln-blkbench  kiln-vsock  manifest.txt
 # <hash> covers every input (this script, the kernel config fragment, the patches,
-# the rootfs files, the tool sources, the versions of the Debian packages used), so a second run
-# with the same inputs only prints the directory. See README.md.
+# the rootfs files, the tool sources, the files under run/, the versions of the Debian
+# packages used), so a second run with the same inputs only prints the directory.
+# See README.md.
 set -euo pipefail
 
 # Everything goes to stderr; fd 3 is the real stdout, for the one result line.
@@ -24,6 +26,7 @@ KERNEL_FRAGMENT=$HERE/kernel/x86_64.config
 PATCH_DIR=$HERE/kernel/patches
 ROOTFS_DIR=$HERE/rootfs
 TOOLS_DIR=$HERE/tools
+RUN_DIR=$HERE/run
 
 # Fixed build identity (reproducible builds): 2025-01-01 00:00:00 UTC.
 EPOCH=1735689600
@@ -106,7 +109,9 @@ mapfile -t TOOL_SOURCES < <(find "$TOOLS_DIR" -maxdepth 1 -name '*.c' -type f | 
 for tool in kiln-blkbench kiln-vsock; do
 	[ -f "$TOOLS_DIR/$tool.c" ] || die "$TOOLS_DIR/$tool.c is missing"
 done
-INPUT_FILES+=("${PATCHES[@]}" "${ROOTFS_FILES[@]}" "${TOOL_SOURCES[@]}")
+mapfile -t RUN_FILES < <(find "$RUN_DIR" -type f | sort)
+[ -f "$RUN_DIR/init.c" ] || die "$RUN_DIR/init.c is missing"
+INPUT_FILES+=("${PATCHES[@]}" "${ROOTFS_FILES[@]}" "${TOOL_SOURCES[@]}" "${RUN_FILES[@]}")
 
 GCC_REAL=$(readlink -f "$(command -v gcc)")
 GCC_PKG=$(dpkg-query -S "$GCC_REAL" 2>/dev/null | head -n1 | cut -d: -f1 || true)
@@ -360,12 +365,34 @@ step_done
 # --- Guest tools -------------------------------------------------------------------------------
 # Static programs the tests copy into a guest over a raw drive when they need them; not in
 # initramfs.cpio or rootfs.ext4, which every boot reads. Reproducible: no build id, no host paths.
+compile_static() { # SOURCE OUTPUT
+	gcc -Os -static -s -Wall -Wextra -ffile-prefix-map="$HERE"=guest-images \
+		-Wl,--build-id=none -o "$2" "$1"
+}
 step_start "compiling the guest tools (tools/*.c, static glibc $(pkg_version libc6-dev))"
 for src in "${TOOL_SOURCES[@]}"; do
 	tool=$(basename "$src" .c)
-	gcc -Os -static -s -Wall -Wextra -ffile-prefix-map="$HERE"=guest-images \
-		-Wl,--build-id=none -o "$TMP/out/$tool" "$src" || die "cannot compile tools/$tool.c"
+	compile_static "$src" "$TMP/out/$tool" || die "cannot compile tools/$tool.c"
 done
+step_done
+
+# --- kiln run initramfs --------------------------------------------------------------------------
+# run-initramfs.cpio: /init = run/init.c (static), its mount points and /dev/console, nothing
+# else; the root CMD runs in comes from the host (a disk or virtio-fs). Same cpio flags as above.
+step_start "writing run-initramfs.cpio (run/init.c, static glibc)"
+RR=$TMP/run-initramfs
+mkdir -p "$RR"
+for d in dev proc sys tmp run lower rw newroot; do
+	mkdir -p "$RR/$d"
+done
+chmod 1777 "$RR/tmp"
+compile_static "$RUN_DIR/init.c" "$RR/init" || die "cannot compile run/init.c"
+chmod 0755 "$RR/init"
+mknod -m 0600 "$RR/dev/console" c 5 1
+find "$RR" -exec touch -h -d "@$EPOCH" {} +
+(cd "$RR" && find . -mindepth 1 -print0 | sort -z |
+	cpio --create --null --format=newc --reproducible --owner=0:0 --quiet) \
+	>"$TMP/out/run-initramfs.cpio" || die "cpio failed for run-initramfs.cpio"
 step_done
 
 # --- Manifest and atomic publish ---------------------------------------------------------------
@@ -376,7 +403,8 @@ step_done
 	echo "source_date_epoch $EPOCH"
 	echo "$INPUTS"
 	echo "# outputs (sha256)"
-	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4 kiln-blkbench kiln-vsock)
+	(cd "$TMP/out" && sha256sum vmlinux bzImage System.map kernel.config initramfs.cpio rootfs.ext4 \
+		run-initramfs.cpio kiln-blkbench kiln-vsock)
 } >"$TMP/out/manifest.txt"
 chmod a-w "$TMP/out"/*
 mv -T "$TMP/out" "$OUT" || die "cannot move the result into $OUT"
