@@ -237,6 +237,11 @@ fn assemble(
         .as_ref()
         .map(device_manager::create_balloon)
         .transpose()?;
+    let fs = config
+        .fs
+        .iter()
+        .map(device_manager::create_fs)
+        .collect::<Result<Vec<_>, _>>()?;
 
     let console_out = config
         .console
@@ -267,6 +272,9 @@ fn assemble(
     }
     if let Some(balloon) = balloon {
         devices.attach_virtio(&vm, mem, device_manager::BALLOON_ID.to_string(), balloon)?;
+    }
+    for (fs_config, fs) in config.fs.iter().zip(fs) {
+        devices.attach_virtio(&vm, mem, fs_config.tag.clone(), fs)?;
     }
     if let Some(timer) = boot_timer {
         devices.attach_boot_timer(timer)?;
@@ -310,7 +318,12 @@ pub fn build_microvm(
     let config = &resources.vm_config(HostLimits::of(kvm))?;
     // Firecracker's boot time counts from the start of the build (InstanceStart being served).
     let boot_timer = config.boot_timer.then(BootTimer::new);
-    let mem = memory::create_guest_memory(config.mem_bytes())?;
+    // A vhost-user backend maps guest memory itself: it must then be a shared file's.
+    let mem = if config.fs.is_empty() {
+        memory::create_guest_memory(config.mem_bytes())?
+    } else {
+        memory::create_shared_guest_memory(config.mem_bytes())?
+    };
     let kernel = arch::load_kernel(&mem, &config.kernel)?;
     let initrd = config
         .initrd

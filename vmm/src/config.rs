@@ -10,6 +10,7 @@ use crate::device_config::{DriveConfig, NetConfig, RngConfig, VsockConfig};
 use devices::legacy::OutputLimits;
 use devices::rate_limiter::TokenBucketConfig;
 use devices::virtio::balloon::BalloonConfig;
+use devices::virtio::fs::FsConfig;
 
 /// Most virtio devices a guest can have: one interrupt line each.
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
@@ -232,6 +233,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The balloon device, if any; never larger than the guest's memory.
     pub balloon: Option<BalloonConfig>,
+    /// virtio-fs devices (vhost-user), in attach order; their tags are unique. Guest memory is
+    /// then shared memory, which the backends map.
+    pub fs: Vec<FsConfig>,
     /// MMDS's interfaces (ids of `nets`), address and version, if MMDS is on.
     pub mmds: Option<api::models::MmdsConfig>,
     /// Firecracker's boot-timer device (`--boot-timer`): the guest's write of 123 at
@@ -267,6 +271,11 @@ impl VmConfig {
             check_balloon_size(balloon.amount_mib, self.mem_mib)?;
         }
         let (drives, nets) = name_devices(self.drives, self.nets)?;
+        let mut tags: Vec<&str> = self.fs.iter().map(|fs| fs.tag.as_str()).collect();
+        tags.sort_unstable();
+        if let Some(pair) = tags.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::DuplicateId(pair[0].to_string()));
+        }
         let config = VmConfig {
             drives,
             nets,
@@ -347,6 +356,7 @@ impl VmConfig {
             + usize::from(self.rng.is_some())
             + usize::from(self.vsock.is_some())
             + usize::from(self.balloon.is_some())
+            + self.fs.len()
     }
 
     /// Guest RAM in bytes.
@@ -378,6 +388,7 @@ mod tests {
             rng: None,
             vsock: None,
             balloon: None,
+            fs: Vec::new(),
             mmds: None,
             boot_timer: false,
             track_dirty_pages: false,

@@ -45,6 +45,9 @@ pub enum DeviceOptionError {
     /// Rate limiter settings that do not fit together.
     #[error("rate limiter: {0}")]
     RateLimiter(String),
+    /// Settings that parse but are out of range.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A block device: what `PUT /drives/{id}`, a config file's `drives` and `--drive` all become,
@@ -431,6 +434,47 @@ pub fn parse_restore(s: &str) -> Result<api::models::SnapshotLoadParams, DeviceO
         .validate()
         .map_err(|e| bad_value("restore", s, e.to_string()))?;
     Ok(params)
+}
+
+/// `kiln run --fs`: `tag=TAG,socket=PATH[,num_queues=N][,queue_size=N]` (Cloud Hypervisor's
+/// spelling), checked as a config file's `fs` entry is.
+pub fn parse_fs(s: &str) -> Result<devices::virtio::fs::FsConfig, DeviceOptionError> {
+    let mut model = api::models::FsDevice {
+        tag: String::new(),
+        socket: PathBuf::new(),
+        num_queues: 1,
+        queue_size: devices::virtio::fs::QUEUE_SIZE,
+    };
+    let (mut tag, mut socket) = (false, false);
+    for (key, value) in options(s)? {
+        let number = |v: &str| {
+            v.parse::<u16>()
+                .map_err(|e| bad_value(key, v, e.to_string()))
+        };
+        match key {
+            "tag" => {
+                model.tag = required(key, value)?.to_string();
+                tag = true;
+            }
+            "socket" => {
+                model.socket = PathBuf::from(required(key, value)?);
+                socket = true;
+            }
+            "num_queues" => model.num_queues = number(required(key, value)?)?,
+            "queue_size" => model.queue_size = number(required(key, value)?)?,
+            _ => return Err(DeviceOptionError::UnknownKey(key.to_string())),
+        }
+    }
+    if !tag {
+        return Err(DeviceOptionError::Missing("tag"));
+    }
+    if !socket {
+        return Err(DeviceOptionError::Missing("socket"));
+    }
+    model
+        .validate()
+        .map_err(|e| DeviceOptionError::Invalid(e.to_string()))?;
+    Ok(model.to_config())
 }
 
 /// Parses `--balloon`'s options (a function, not `FromStr`: the config is the device's own type).

@@ -25,7 +25,7 @@ use api::outcome::{VmmActionError, VmmOutcome};
 use api::routes::ApiRequest;
 
 use crate::arch;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceKind, DeviceManager};
 use crate::event_loop::{EventLoop, RunningEventLoop};
 use crate::metrics::METRICS;
 use crate::persist::{self, MicrovmState, SnapshotError};
@@ -128,6 +128,15 @@ impl Vmm {
         }
         if diff && !self.vm.tracks_dirty_pages() {
             return Err(SnapshotError::DiffWithoutTracking);
+        }
+        if let Some(fs) = self
+            .devices
+            .registry
+            .virtio_devices()
+            .iter()
+            .find(|d| d.kind == DeviceKind::Fs)
+        {
+            return Err(SnapshotError::VhostUser(fs.id.clone()));
         }
         let vcpus = persist::save_vcpus(self.handles.len(), |index, timeout| {
             self.handles[index].requests.save_state(timeout)

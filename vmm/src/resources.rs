@@ -10,13 +10,14 @@
 //! root drive, unique ids), and [`VmResources::vm_config`] checks the whole against the host.
 
 use api::models::{
-    Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
+    Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, FsDevice,
     FullVmConfiguration, Logger, MacAddr, MachineConfiguration, MachineConfigurationPatch, Metrics,
     MmdsConfig, NetworkInterface, SerialDevice, Vsock,
 };
 
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::balloon::BalloonConfig;
+use devices::virtio::fs::FsConfig;
 
 use crate::config::{
     check_balloon_size, ConfigError, ConsoleConfig, HostLimits, SerialConfig, VmConfig,
@@ -70,6 +71,8 @@ pub struct VmResources {
     pub rng: Option<RngConfig>,
     /// The balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// virtio-fs devices (vhost-user), in attach order; set by a config file or `kiln run`.
+    pub fs: Vec<FsConfig>,
     /// MMDS's interfaces, address and version (the document itself is not a resource: it
     /// lives on, and changes, after the start).
     pub mmds_config: Option<MmdsConfig>,
@@ -102,6 +105,7 @@ impl VmResources {
             rng: config.entropy.map(rng_config),
             logger: config.logger,
             metrics: config.metrics,
+            fs: config.fs.iter().map(FsDevice::to_config).collect(),
             ..Self::default()
         };
         if let Some(serial) = config.serial {
@@ -145,6 +149,7 @@ impl VmResources {
             serial: serial_model(&self.serial),
             balloon: self.balloon.as_ref().map(balloon_model),
             mmds_config: self.mmds_config.clone(),
+            fs: self.fs.iter().map(FsDevice::from_config).collect(),
         }
     }
 
@@ -158,6 +163,7 @@ impl VmResources {
             || self.vsock.is_some()
             || self.rng.is_some()
             || self.balloon.is_some()
+            || !self.fs.is_empty()
             || self.mmds_config.is_some()
     }
 
@@ -300,6 +306,7 @@ impl VmResources {
             rng: self.rng.clone(),
             vsock: self.vsock.clone(),
             balloon: self.balloon,
+            fs: self.fs.clone(),
             mmds: self.mmds_config.clone(),
             boot_timer: self.boot_timer,
             track_dirty_pages: self.machine_config.track_dirty_pages,

@@ -16,6 +16,7 @@ mod balloon;
 mod boot;
 mod drive;
 mod entropy;
+mod fs;
 mod instance;
 mod logging;
 mod machine;
@@ -37,6 +38,7 @@ pub use balloon::{
 pub use boot::BootSource;
 pub use drive::{is_partuuid, CacheType, Drive, IoEngine, PartialDrive};
 pub use entropy::EntropyDevice;
+pub use fs::FsDevice;
 pub use instance::{
     ActionType, ApiError, FirecrackerVersion, InstanceActionInfo, InstanceInfo, InstanceState, Vm,
     VmState,
@@ -117,6 +119,9 @@ pub enum ValidationError {
     /// A `huge_pages` value other than `"None"`.
     #[error("Kiln does not support huge pages: huge_pages must be \"None\", not \"{0}\".")]
     HugePagesNotSupported(HugePages),
+    /// A virtio-fs device's field is out of range.
+    #[error("fs: {0}")]
+    FsDevice(String),
     /// A drive with `socket` (vhost-user-block).
     #[error(
         "Drive {drive_id:?}: vhost-user block devices (socket) are not supported by Kiln; \

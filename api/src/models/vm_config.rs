@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Balloon, BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics, MmdsConfig,
-    NetworkInterface, SerialDevice, ValidationError, Vsock,
+    Balloon, BootSource, Drive, EntropyDevice, FsDevice, Logger, MachineConfiguration, Metrics,
+    MmdsConfig, NetworkInterface, SerialDevice, ValidationError, Vsock,
 };
 
 /// The whole configuration of a microVM, with Firecracker's kebab-case top-level keys
@@ -64,6 +64,10 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<MmdsConfig>,
+    /// Kiln's extension (Cloud Hypervisor's `fs`): virtio-fs devices served by vhost-user
+    /// backends, in attach order. Left out of `GET /vm/config` when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsDevice>,
 }
 
 impl FullVmConfiguration {
@@ -123,6 +127,16 @@ impl FullVmConfiguration {
         }
         if let Some(balloon) = &self.balloon {
             balloon.validate()?;
+        }
+        let mut tags = HashSet::new();
+        for fs in &self.fs {
+            fs.validate()?;
+            if !tags.insert(fs.tag.as_str()) {
+                return Err(ValidationError::DuplicateId {
+                    list: "fs",
+                    id: fs.tag.clone(),
+                });
+            }
         }
         Ok(())
     }

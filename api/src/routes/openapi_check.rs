@@ -399,6 +399,21 @@ fn samples() -> Vec<Sample> {
                 serial: Some(serial),
                 balloon: Some(balloon),
                 mmds_config: Some(mmds.clone()),
+                fs: vec![FsDevice {
+                    tag: "t".into(),
+                    socket: "/s".into(),
+                    num_queues: 1,
+                    queue_size: 1024,
+                }],
+            },
+        ),
+        sample(
+            "FsDevice",
+            FsDevice {
+                tag: "t".into(),
+                socket: "/s".into(),
+                num_queues: 2,
+                queue_size: 256,
             },
         ),
         sample("MmdsConfig", mmds),

@@ -15,6 +15,7 @@ use devices::legacy::{OutputLimits, SerialConsole};
 use devices::mmds::MmdsStack;
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::fs::{Fs, FsConfig, FsError};
 use devices::virtio::mmio::{
     lock as lock_device, MmioTransport, RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
@@ -137,6 +138,15 @@ pub enum DeviceError {
     /// The vsock device could not be set up.
     #[error("vsock device: {0}")]
     Vsock(#[source] VsockError),
+    /// A virtio-fs device could not be set up (its backend, usually).
+    #[error("virtio-fs {tag}: {source}")]
+    Fs {
+        /// The device's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: FsError,
+    },
     /// The balloon device could not be set up.
     #[error("balloon device: {0}")]
     Balloon(#[source] BalloonError),
@@ -170,6 +180,10 @@ impl DeviceError {
                 ..
             } | Self::Tap { .. }
                 | Self::VsockSocket(_)
+                | Self::Fs {
+                    source: FsError::Connect { .. } | FsError::Tag(_) | FsError::Queues(_),
+                    ..
+                }
         )
     }
 }
@@ -379,6 +393,14 @@ pub fn create_net(net: &NetConfig, mmds: Option<MmdsStack>) -> Result<Net, Devic
         mmds,
     })
     .map_err(|source| DeviceError::Net { id, source })
+}
+
+/// Connects to `fs`'s vhost-user backend and creates its device.
+pub fn create_fs(fs: &FsConfig) -> Result<Fs, DeviceError> {
+    Fs::new(fs).map_err(|source| DeviceError::Fs {
+        tag: fs.tag.clone(),
+        source,
+    })
 }
 
 /// The balloon's id in the registry: a VM has at most one, and Firecracker names it so.

@@ -30,6 +30,8 @@ pub enum DeviceKind {
     Vsock,
     /// virtio-balloon.
     Balloon,
+    /// virtio-fs (a vhost-user frontend).
+    Fs,
 }
 
 impl DeviceKind {
@@ -41,6 +43,7 @@ impl DeviceKind {
             device_type::RNG => Self::Rng,
             device_type::VSOCK => Self::Vsock,
             device_type::BALLOON => Self::Balloon,
+            device_type::FS => Self::Fs,
             _ => return None,
         })
     }
@@ -53,12 +56,14 @@ impl DeviceKind {
             Self::Rng => "entropy",
             Self::Vsock => "vsock",
             Self::Balloon => "balloon",
+            // Firecracker's vhost-user devices report as `vhost_user_<id>`.
+            Self::Fs => "vhost_user",
         }
     }
 
     /// True for kinds with a group per device (`block_<id>`) as well as the sum, as Firecracker.
     fn has_per_device_metrics(self) -> bool {
-        matches!(self, Self::Block | Self::Net)
+        matches!(self, Self::Block | Self::Net | Self::Fs)
     }
 }
 

@@ -71,6 +71,13 @@ pub enum SnapshotError {
     /// Snapshots are taken of paused VMs only (Firecracker's rule).
     #[error("the microVM must be paused before a snapshot is taken")]
     NotPaused,
+    /// A VM with a vhost-user device: its backend's state (virtiofsd's open files, its rings'
+    /// progress) lives outside Kiln and would not be in the snapshot.
+    #[error(
+        "the microVM has virtio-fs device {0}, whose vhost-user backend's state a snapshot \
+         cannot hold"
+    )]
+    VhostUser(String),
     /// A Diff snapshot of a VM whose memory writes are not tracked.
     #[error(
         "Diff snapshots need dirty page tracking: set track_dirty_pages in the machine \
