@@ -10,13 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use crate::arch::MAX_VCPUS;
 use crate::config::{ConfigError, ConsoleConfig, SerialConfig};
 use crate::device_config::{
-    parse_balloon, parse_restore, DriveConfig, NetConfig, RngConfig, VsockConfig,
+    parse_balloon, parse_fs, parse_restore, DriveConfig, NetConfig, RngConfig, VsockConfig,
 };
 use crate::guest_images::GuestImages;
 use crate::personality::Personality;
 use crate::resources::VmResources;
+use crate::runner::Share;
 use crate::seccomp::SeccompFilters;
 use devices::virtio::balloon::BalloonConfig;
+use devices::virtio::fs::FsConfig;
 
 /// Kiln: a KVM microVM monitor.
 ///
@@ -189,6 +191,14 @@ impl ObservabilityArgs {
     }
 }
 
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs > 0.0 && *secs < 1e9)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds above 0"))
+}
+
 fn parse_level(s: &str) -> Result<LogLevel, String> {
     LogLevel::parse(s).ok_or_else(|| {
         format!("unknown level {s:?}: expected Error, Warning, Info, Debug, Trace or Off")
@@ -199,7 +209,7 @@ fn parse_level(s: &str) -> Result<LogLevel, String> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest kernel and run it until it reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run kiln jailed (Firecracker's jailer): own mount and PID namespaces, pivot_root into
     /// <chroot-base-dir>/<exec-file-name>/<id>/root, cgroups, rlimits, --uid/--gid.
     Jail(crate::jail::JailArgs),
@@ -245,9 +255,11 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long = "mem-mib", default_value_t = 128, value_name = "N")]
     pub mem_mib: u64,
-    /// Where the serial console goes: stdout, file:PATH or none.
-    #[arg(long, default_value = "stdout", value_name = "DEST")]
-    pub console: ConsoleConfig,
+    /// Where the serial console goes: stdout (the default; a bare --console), file:PATH or
+    /// none. With a command (`-- CMD`) the console is hidden unless this is given, and then
+    /// goes to stderr (stdout is the command's).
+    #[arg(long, value_name = "DEST", num_args = 0..=1, default_missing_value = "stdout")]
+    pub console: Option<ConsoleConfig>,
     /// Logging, metrics and the boot timer.
     #[command(flatten)]
     pub observability: ObservabilityArgs,
@@ -276,6 +288,32 @@ pub struct RunArgs {
     /// [,free_page_reporting]. It starts at amount_mib; the guest gives that much back.
     #[arg(long, value_name = "OPTS", value_parser = parse_balloon)]
     pub balloon: Option<BalloonConfig>,
+    /// A virtio-fs device served by a vhost-user backend you run (virtiofsd), repeatable:
+    /// tag=TAG,socket=PATH[,num_queues=N][,queue_size=N]. The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`.
+    #[arg(long = "fs", value_name = "OPTS", value_parser = parse_fs)]
+    pub fs: Vec<FsConfig>,
+    /// With a command: share a host directory with the VM over virtio-fs (repeatable),
+    /// HOST_DIR[:GUEST_DIR][:ro]; GUEST_DIR defaults to HOST_DIR's absolute path. Without any
+    /// --share the current directory is shared read-write at its own path.
+    #[arg(
+        long = "share",
+        value_name = "HOST_DIR[:GUEST_DIR][:ro]",
+        requires = "command"
+    )]
+    pub shares: Vec<Share>,
+    /// With a command: boot the host's / (read-only, writes going to a tmpfs overlay) as the
+    /// guest's root instead of the default guest's root filesystem, so the command finds the
+    /// host's programs.
+    #[arg(long = "host-root", requires = "command")]
+    pub host_root: bool,
+    /// With a command: end the VM after SECS seconds (from Kiln's start) and exit with 124.
+    #[arg(long, value_name = "SECS", requires = "command", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+    /// Run CMD in the VM (`kiln run [flags] -- CMD [ARGS...]`): its stdout, stderr and exit
+    /// status become Kiln's, stdin is forwarded, and the VM is gone afterwards.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
     /// Restore a snapshot instead of booting, and run it:
     /// snapshot=PATH,mem=PATH (or uffd=SOCKET for a page-fault handler)
     /// [,net.IFACE=TAP]...[,vsock=PATH][,drive.ID=PATH]...[,track_dirty_pages].
@@ -286,7 +324,7 @@ pub struct RunArgs {
         value_parser = |s: &str| parse_restore(s).map(Box::new),
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "vcpus", "mem_mib", "drives", "nets", "rng", "vsock",
-            "balloon",
+            "balloon", "fs", "shares", "host_root", "timeout", "command",
         ]
     )]
     pub restore: Option<Box<SnapshotLoadParams>>,
@@ -327,9 +365,10 @@ impl RunArgs {
             vsock: self.vsock,
             rng: self.rng,
             balloon: self.balloon,
+            fs: self.fs,
             mmds_config: None,
             serial: SerialConfig {
-                console: self.console,
+                console: self.console.unwrap_or(ConsoleConfig::Stdout),
                 rate_limit: None,
             },
             boot_timer: self.observability.boot_timer,
@@ -347,7 +386,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))?;
         match cli.command {
-            Some(Command::Run(run)) => Ok(run),
+            Some(Command::Run(run)) => Ok(*run),
             other => panic!("not `kiln run` in {args:?}: {other:?}"),
         }
     }
@@ -357,7 +396,7 @@ mod tests {
         let run = parse(&["run"]).unwrap();
         assert_eq!(run.kernel, None);
         assert_eq!((run.vcpus, run.mem_mib), (1, 128));
-        assert_eq!(run.console, ConsoleConfig::Stdout);
+        assert_eq!(run.console, None);
     }
 
     #[test]
@@ -382,7 +421,7 @@ mod tests {
         assert_eq!(run.initrd, Some("/i".into()));
         assert_eq!(run.cmdline.as_deref(), Some("a=b c"));
         assert_eq!((run.vcpus, run.mem_mib), (2, 256));
-        assert_eq!(run.console, ConsoleConfig::File("/tmp/out".into()));
+        assert_eq!(run.console, Some(ConsoleConfig::File("/tmp/out".into())));
         assert!(run.drives.is_empty() && run.nets.is_empty() && run.rng.is_none());
     }
 
@@ -476,6 +515,7 @@ mod tests {
             vmlinux: "/g/vmlinux".into(),
             initramfs: "/g/initramfs.cpio".into(),
             rootfs: "/g/rootfs.ext4".into(),
+            run_initramfs: "/g/run-initramfs.cpio".into(),
         };
         let r = parse(&["run", "--vcpus", "2", "--boot-timer"])
             .unwrap()

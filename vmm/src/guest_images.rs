@@ -44,6 +44,8 @@ pub struct GuestImages {
     pub initramfs: PathBuf,
     /// ext4 root filesystem image.
     pub rootfs: PathBuf,
+    /// The initramfs of `kiln run -- CMD`: only its init (`guest-images/run/init.c`).
+    pub run_initramfs: PathBuf,
 }
 
 impl GuestImages {
@@ -52,6 +54,7 @@ impl GuestImages {
             vmlinux: dir.join("vmlinux"),
             initramfs: dir.join("initramfs.cpio"),
             rootfs: dir.join("rootfs.ext4"),
+            run_initramfs: dir.join("run-initramfs.cpio"),
         };
         for path in [&images.vmlinux, &images.initramfs] {
             if !path.is_file() {
@@ -60,6 +63,31 @@ impl GuestImages {
         }
         Ok(images)
     }
+}
+
+/// Runs one of guest-images' scripts, which builds (or installs) and caches something and
+/// prints its path as its last line of stdout; its progress goes to Kiln's stderr.
+pub fn run_build_script(script: &Path) -> Result<PathBuf, GuestImagesError> {
+    if !script.is_file() {
+        return Err(GuestImagesError::Missing(script.to_path_buf()));
+    }
+    let output = Command::new("bash")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| GuestImagesError::Spawn {
+            script: script.to_path_buf(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(GuestImagesError::Failed {
+            script: script.to_path_buf(),
+            status: output.status.to_string(),
+        });
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(PathBuf::from(stdout.lines().last().unwrap_or("").trim()))
 }
 
 /// Finds the default guest, building it first if needed.
@@ -71,22 +99,5 @@ pub fn default_guest() -> Result<GuestImages, GuestImagesError> {
     if !script.is_file() {
         return Err(GuestImagesError::Missing(script));
     }
-    let output = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|source| GuestImagesError::Spawn {
-            script: script.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(GuestImagesError::Failed {
-            script,
-            status: output.status.to_string(),
-        });
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let dir = stdout.lines().last().unwrap_or("").trim();
-    GuestImages::in_dir(Path::new(dir))
+    GuestImages::in_dir(&run_build_script(&script)?)
 }

@@ -27,6 +27,7 @@ pub mod output_file;
 pub mod persist;
 pub mod personality;
 pub mod resources;
+pub mod runner;
 pub mod seccomp;
 pub mod startup_clock;
 pub mod vmm_actions;

@@ -56,7 +56,7 @@ fn run(mut args: RunArgs, filters: &Arc<SeccompFilters>) -> ExitCode {
             Err(e) => return fail(EXIT_FAILURE, e),
         },
     };
-    let forward_stdin = args.console == ConsoleConfig::Stdout;
+    let forward_stdin = matches!(args.console, None | Some(ConsoleConfig::Stdout));
     let resources = match args.into_resources(images.as_ref()) {
         Ok(resources) => resources,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
@@ -81,10 +81,11 @@ fn restore(
     kvm: &kvm_ioctls::Kvm,
     filters: &Arc<SeccompFilters>,
 ) -> ExitCode {
-    let forward_stdin = args.console == ConsoleConfig::Stdout;
+    let console = args.console.unwrap_or(ConsoleConfig::Stdout);
+    let forward_stdin = console == ConsoleConfig::Stdout;
     let loader = VmResources {
         serial: SerialConfig {
-            console: args.console,
+            console,
             rate_limit: None,
         },
         ..VmResources::default()
@@ -404,7 +405,7 @@ fn main() -> ExitCode {
             let _ = vmm::logger::install();
             return snapshot_command(command);
         }
-        Some(Command::Run(args)) => Mode::Run(args),
+        Some(Command::Run(args)) => Mode::Run(*args),
         None => Mode::Process(cli.process),
     };
     if let Mode::Process(args) = &mode {
@@ -420,6 +421,14 @@ fn main() -> ExitCode {
     }
     // The only possible failure is another logger installed first, and nothing else installs one.
     let _ = vmm::logger::install();
+    // `kiln run -- CMD` supervises a VM process of its own: no filters, metrics or VM here.
+    let mode = match mode {
+        // Its own errors go to stderr; the logging and metrics flags are the VM process's.
+        Mode::Run(args) if !args.command.is_empty() => {
+            return ExitCode::from(vmm::runner::main(args));
+        }
+        mode => mode,
+    };
     // Both modes take the logging, metrics and seccomp flags.
     let (observability, seccomp) = match &mode {
         Mode::Run(args) => (&args.observability, &args.seccomp),
