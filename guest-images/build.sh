@@ -44,17 +44,8 @@ unset ARCH CROSS_COMPILE KBUILD_OUTPUT O KCFLAGS KCPPFLAGS KAFLAGS KRUSTFLAGS \
 	LOCALVERSION MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES GNUMAKEFLAGS
 
 START=$SECONDS
-log() { printf 'guest-images: %s\n' "$*"; }
-die() {
-	printf 'guest-images: error: %s\n' "$*"
-	exit 1
-}
-step_start() {
-	STEP_NAME=$1
-	STEP_T0=$SECONDS
-	log "$1..."
-}
-step_done() { log "$STEP_NAME: done in $((SECONDS - STEP_T0)) s"; }
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (this is $(uname -m))"
 
@@ -62,46 +53,10 @@ CACHE_ROOT=${KILN_IMAGE_CACHE:-${XDG_CACHE_HOME:-${HOME:?HOME is not set}/.cache
 mkdir -p "$CACHE_ROOT" || die "cannot create cache directory $CACHE_ROOT"
 CACHE_ROOT=$(cd "$CACHE_ROOT" && pwd -P)
 
-# --- Lock: one build at a time per cache root ------------------------------------
-HAVE_LOCK=
-take_lock() {
-	[ -z "$HAVE_LOCK" ] || return 0
-	exec 9>"$CACHE_ROOT/.lock"
-	if ! flock -n 9; then
-		log "waiting for another build.sh holding $CACHE_ROOT/.lock..."
-		flock 9
-	fi
-	HAVE_LOCK=1
-}
-
-# --- Packages -------------------------------------------------------------------------
-pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null; }
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
-}
-
-ensure_packages() {
-	local missing=() p
-	for p in "${PACKAGES[@]}"; do
-		pkg_installed "$p" || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	[ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or: apt-get install ${missing[*]})"
-	take_lock
-	step_start "installing ${missing[*]}"
-	local apt=(apt-get install -y --no-install-recommends "${missing[@]}")
-	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}"; then
-		log "apt-get install failed; running apt-get update and retrying"
-		apt-get update || die "apt-get update failed"
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" || die "apt-get install ${missing[*]} failed"
-	fi
-	step_done
-}
-
-ensure_packages
+ensure_packages "${PACKAGES[@]}"
 
 # --- Input hash -------------------------------------------------------------------------
-INPUT_FILES=("$HERE/build.sh" "$KERNEL_FRAGMENT")
+INPUT_FILES=("$HERE/build.sh" "$HERE/common.sh" "$KERNEL_FRAGMENT")
 mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' -type f | sort)
 [ ${#PATCHES[@]} -gt 0 ] || die "no patches found in $PATCH_DIR"
 mapfile -t ROOTFS_FILES < <(find "$ROOTFS_DIR" -type f | sort)
@@ -136,7 +91,8 @@ if [ -f "$OUT/manifest.txt" ]; then
 	exit 0
 fi
 
-take_lock
+# One build at a time per cache root.
+take_lock "$CACHE_ROOT/.lock"
 if [ -f "$OUT/manifest.txt" ]; then # built by another invocation while we waited
 	echo "$OUT" >&3
 	exit 0

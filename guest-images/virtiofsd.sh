@@ -29,11 +29,9 @@ VERSION=1.14.0
 PACKAGES=(libseccomp-dev libcap-ng-dev gcc libc6-dev)
 
 START=$SECONDS
-log() { printf 'guest-images: %s\n' "$*"; }
-die() {
-	printf 'guest-images: error: %s\n' "$*"
-	exit 1
-}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 
 # --- Override ------------------------------------------------------------------------------
 if [ -n "${KILN_VIRTIOFSD:-}" ]; then
@@ -68,49 +66,13 @@ if installed_ok; then
 	exit 0
 fi
 
-# --- Lock: one install at a time per cache root --------------------------------------------
 # Its own lock file (not build.sh's .lock): a kernel build need not wait for this, nor this for it.
-HAVE_LOCK=
-take_lock() {
-	[ -z "$HAVE_LOCK" ] || return 0
-	exec 9>"$CACHE_ROOT/.virtiofsd.lock"
-	if ! flock -n 9; then
-		log "waiting for another virtiofsd.sh holding $CACHE_ROOT/.virtiofsd.lock..."
-		flock 9
-	fi
-	HAVE_LOCK=1
-}
-
-# --- Packages ------------------------------------------------------------------------------
-pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null; }
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
-}
-
-ensure_packages() {
-	local missing=() p t0
-	for p in "${PACKAGES[@]}"; do
-		pkg_installed "$p" || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	[ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or: apt-get install ${missing[*]})"
-	t0=$SECONDS
-	log "installing ${missing[*]}..."
-	local apt=(apt-get install -y --no-install-recommends "${missing[@]}")
-	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}"; then
-		log "apt-get install failed; running apt-get update and retrying"
-		apt-get update || die "apt-get update failed"
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" || die "apt-get install ${missing[*]} failed"
-	fi
-	log "installing ${missing[*]}: done in $((SECONDS - t0)) s"
-}
-
-take_lock
+take_lock "$CACHE_ROOT/.virtiofsd.lock"
 if installed_ok; then # installed by another invocation while we waited
 	echo "$BIN" >&3
 	exit 0
 fi
-ensure_packages
+ensure_packages "${PACKAGES[@]}"
 if installed_ok; then # it only lacked its runtime libraries
 	echo "$BIN" >&3
 	exit 0
