@@ -512,6 +512,26 @@ mod tests {
     use devices::rate_limiter::TokenBucketConfig;
 
     #[test]
+    fn fs_options() {
+        let fs = parse_fs("tag=share,socket=/run/fs.sock").unwrap();
+        assert_eq!((fs.tag.as_str(), fs.num_request_queues), ("share", 1));
+        assert_eq!(fs.queue_size, devices::virtio::fs::QUEUE_SIZE);
+        let fs = parse_fs("socket=/s,tag=t,num_queues=2,queue_size=256").unwrap();
+        assert_eq!((fs.num_request_queues, fs.queue_size), (2, 256));
+        for bad in [
+            "tag=t",
+            "socket=/s",
+            "tag=,socket=/s",
+            "tag=t,socket=/s,queue_size=100",
+            "tag=t,socket=/s,num_queues=0",
+            "tag=t,socket=/s,dax",
+            "tag=0123456789012345678901234567890123456,socket=/s",
+        ] {
+            assert!(parse_fs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn balloon_options() {
         let b = parse_balloon("amount_mib=64,deflate_on_oom,stats_polling_interval_s=2").unwrap();
         assert_eq!(

@@ -6,7 +6,8 @@
 //! - in one guest: reading and writing a 64 MiB file over virtio-fs (a share) against reading
 //!   and writing 64 MiB on a virtio-blk drive, timed in the guest (`/proc/uptime`, 10 ms).
 //!
-//! Usage: `cargo run --release -p kiln-tests --bin run-bench [ROUNDS]` (default 3) after
+//! Usage: `cargo run --release -p kiln-tests --bin run-bench [ROUNDS]` (default 3; 0 for the
+//! throughput figures alone) after
 //! `cargo build --release -p vmm`, or with `KILN_BIN` pointing at a kiln binary.
 
 use std::path::Path;
@@ -82,13 +83,15 @@ fn main() {
             plain[round], true_run[round], cat_run[round]
         );
     }
-    print_figure("plain `kiln run` boot (default guest)", &mut plain, "s");
-    print_figure("`kiln run -- true`", &mut true_run, "s");
-    print_figure(
-        "`kiln run --share DIR -- cat FILE` (64 MiB)",
-        &mut cat_run,
-        "s",
-    );
+    if rounds > 0 {
+        print_figure("plain `kiln run` boot (default guest)", &mut plain, "s");
+        print_figure("`kiln run -- true`", &mut true_run, "s");
+        print_figure(
+            "`kiln run --share DIR -- cat FILE` (64 MiB)",
+            &mut cat_run,
+            "s",
+        );
+    }
 
     // Throughput in one guest: the share against a raw drive of the same size.
     let drive = dir.join("drive.img");

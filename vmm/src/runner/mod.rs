@@ -163,7 +163,7 @@ fn resolve_shares(shares: &[Share], cwd: &Path) -> Result<Vec<ResolvedShare>, Ru
 
 /// The command's working directory in the guest: the current directory where a share shows it
 /// (at the same place inside the share), else `/`.
-fn guest_cwd(shares: &[ResolvedShare], cwd: &Path, host_root: bool) -> String {
+fn guest_cwd(shares: &[ResolvedShare], cwd: &Path) -> String {
     let cwd = cwd.canonicalize().unwrap_or_else(|_| cwd.to_path_buf());
     for share in shares {
         if let Ok(rest) = cwd.strip_prefix(&share.host_dir) {
@@ -176,10 +176,8 @@ fn guest_cwd(shares: &[ResolvedShare], cwd: &Path, host_root: bool) -> String {
             }
         }
     }
-    match cwd.to_str() {
-        Some(dir) if host_root => dir.to_string(),
-        _ => "/".to_string(),
-    }
+    // Elsewhere it may not exist in the guest, or be hidden (the guest's own /tmp and /run).
+    "/".to_string()
 }
 
 /// The command's environment: the host's PATH and TERM with the host's root (its programs are
@@ -419,7 +417,7 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
     let spec = RunSpec {
         root,
         shares: shares.iter().map(|s| s.guest.clone()).collect(),
-        cwd: guest_cwd(&shares, &cwd, args.host_root),
+        cwd: guest_cwd(&shares, &cwd),
         env: guest_env(args.host_root),
         args: args.command.clone(),
         hostname: "kiln".to_string(),
@@ -733,6 +731,13 @@ fn write_vm_config(
     let mut resources = run
         .into_resources(Some(images))
         .map_err(|e| RunError::Usage(e.to_string()))?;
+    // A config file names every drive and interface (as a boot from flags would).
+    for (index, drive) in resources.drives.iter_mut().enumerate() {
+        drive.id.get_or_insert_with(|| format!("drive{index}"));
+    }
+    for (index, net) in resources.nets.iter_mut().enumerate() {
+        net.id.get_or_insert_with(|| format!("net{index}"));
+    }
     let boot = resources
         .boot_source
         .as_mut()
@@ -848,10 +853,10 @@ mod tests {
         assert_eq!(shares[0].host_dir, dir);
         assert_eq!(shares[0].guest.guest_dir, dir.to_str().unwrap());
         assert!(!shares[0].guest.read_only);
-        assert_eq!(guest_cwd(&shares, &dir, false), dir.to_str().unwrap());
+        assert_eq!(guest_cwd(&shares, &dir), dir.to_str().unwrap());
         // Never the whole host by default.
         assert!(resolve_shares(&[], Path::new("/")).unwrap().is_empty());
-        assert_eq!(guest_cwd(&[], Path::new("/nonexistent-dir"), false), "/");
+        assert_eq!(guest_cwd(&[], Path::new("/nonexistent-dir")), "/");
     }
 
     #[test]
@@ -868,9 +873,9 @@ mod tests {
         assert_eq!(shares[0].guest.tag, "kiln-share-0");
         assert_eq!(shares[1].guest.tag, "kiln-share-1");
         assert!(shares[0].guest.read_only);
-        assert_eq!(guest_cwd(&shares, &dir.join("sub"), false), "/data/sub");
-        assert_eq!(guest_cwd(&shares, Path::new("/nonexistent"), false), "/");
-        let inside = guest_cwd(&shares, &dir, false);
+        assert_eq!(guest_cwd(&shares, &dir.join("sub")), "/data/sub");
+        assert_eq!(guest_cwd(&shares, Path::new("/nonexistent")), "/");
+        let inside = guest_cwd(&shares, &dir);
         assert_eq!(inside, "/data");
         let missing = resolve_shares(&["/no/such/dir".parse().unwrap()], Path::new("/"));
         assert!(matches!(missing, Err(RunError::Share { .. })));
