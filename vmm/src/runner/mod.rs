@@ -598,34 +598,28 @@ fn supervise(
                     drain_until = Some(Instant::now() + DRAIN_TIMEOUT);
                     continue;
                 }
-                let dead_daemon = daemons.iter_mut().find_map(|d| {
-                    d.exited().map(|status| {
-                        format!(
-                            "\n  virtiofsd for {} exited ({status}):{}",
-                            d.host_dir.display(),
-                            d.log_tail()
-                        )
-                    })
-                });
-                log::error!(
-                    "the VM ended ({}) before the command finished{}{}",
-                    status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|e| e.to_string()),
-                    dead_daemon.unwrap_or_default(),
-                    vm.diagnostics()
-                );
+                if !report_failed_daemon(daemons) {
+                    log::error!(
+                        "the VM ended ({}) before the command finished{}",
+                        status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|e| e.to_string()),
+                        vm.diagnostics()
+                    );
+                }
                 return Ok(EXIT_RUN_FAILED);
             }
             Event::ControlLost(why) => {
-                // The VM's end (which also closes the connection) makes the better report:
-                // give it a moment.
-                if let Ok(Event::VmExited(_)) = rx.recv_timeout(Duration::from_secs(5)) {}
+                // What ended the connection makes the better report (the VM's end, a daemon's
+                // death, seen by their watchers): give them a moment.
+                let _ = rx.recv_timeout(Duration::from_secs(1));
                 vm.kill();
-                log::error!(
-                    "lost the guest before the command finished: {why}{}",
-                    vm.diagnostics()
-                );
+                if !report_failed_daemon(daemons) {
+                    log::error!(
+                        "lost the guest before the command finished: {why}{}",
+                        vm.diagnostics()
+                    );
+                }
                 return Ok(EXIT_RUN_FAILED);
             }
             Event::Signal(signal) => {
@@ -646,22 +640,34 @@ fn supervise(
                 }
                 // Otherwise the daemon's end is the cause to report, whatever else followed
                 // it (the guest may lose its connections or the VM end soon after).
-                let daemon = &mut daemons[index];
-                let status = daemon
-                    .exited()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "ended".into());
-                log::error!(
-                    "virtiofsd serving {} exited ({status}) while the command ran; the VM was \
-                     stopped{}",
-                    daemon.host_dir.display(),
-                    daemon.log_tail()
-                );
+                if !report_failed_daemon(daemons) {
+                    log::error!(
+                        "virtiofsd serving {} ended while the command ran; the VM was stopped",
+                        daemons[index].host_dir.display()
+                    );
+                }
                 vm.kill();
                 return Ok(EXIT_RUN_FAILED);
             }
         }
     }
+}
+
+/// Logs the first daemon that ended in failure (killed, crashed: not the clean exit of one whose
+/// VM disconnected), which is then the cause of the run's failure; false if none did.
+fn report_failed_daemon(daemons: &mut [virtiofsd::Daemon]) -> bool {
+    let Some((daemon, status)) = daemons
+        .iter_mut()
+        .find_map(|d| d.exited().filter(|s| !s.success()).map(|s| (d, s)))
+    else {
+        return false;
+    };
+    log::error!(
+        "virtiofsd serving {} exited ({status}) while the command ran; the VM was stopped{}",
+        daemon.host_dir.display(),
+        daemon.log_tail()
+    );
+    true
 }
 
 /// Waits until process `pid` (a child) has ended, leaving it unreaped so that its [`Child`] can
