@@ -1,5 +1,5 @@
 //! End to end: `kiln run -- CMD`, a command in a throw-away VM with host directories shared over
-//! virtio-fs (virtiofsd, installed by `guest-images/virtiofsd.sh` on first use). Six boots, each
+//! virtio-fs (virtiofsd, installed by `guest-images/virtiofsd.sh` on first use). Seven boots, each
 //! checking what only a boot can (one boot costs 20-60 s on our nested-KVM machines):
 //!
 //! 1. stdio and shares: 16 MiB of stdin through `cat` back on stdout (sha256 equal), `out` on
@@ -9,7 +9,8 @@
 //! 3. a command the guest does not have: 127 with the shell's message;
 //! 4. `--timeout`: the command started (its output arrived), then 124 at the deadline;
 //! 5. `--host-root`: the host's own `python3` runs in the guest (about 90 s here);
-//! 6. the share's virtiofsd killed while the command runs: one line, status 125, VM stopped.
+//! 6. the share's virtiofsd killed while the command runs: one line, status 125, VM stopped;
+//! 7. SIGTERM to Kiln while the command runs: 143, the VM and the daemons stopped.
 //!
 //! After each: no virtiofsd or VM process left, and Kiln's private directory gone. Bad input
 //! (missing share, unknown option, an unusable virtiofsd) is checked without a boot.
@@ -236,22 +237,18 @@ fn commands_run_in_throw_away_vms() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// 6. The share's virtiofsd dies while the command runs: one line, the VM stopped.
-#[test]
-fn a_dying_virtiofsd_stops_the_vm() {
-    use std::io::{BufRead, BufReader};
-    if !kvm_available() {
-        return;
-    }
-    let _one_vm_at_a_time = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let root = scratch_dir("run-dying-virtiofsd");
+/// A `kiln run` whose command has printed `ready` and sleeps, in a fresh scratch directory:
+/// the process, the scratch directory and the run's private-directory root.
+fn start_sleeper(name: &str) -> (std::process::Child, PathBuf, PathBuf) {
+    use std::io::{BufRead, BufReader, Read};
+    let root = scratch_dir(name);
     let work = root.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let runtime = &runtime_dir(&root, "rt");
+    let runtime = runtime_dir(&root, "rt");
     let mut cmd = Command::new(kiln_bin());
     cmd.args(["run", "--", "sh", "-c", "echo ready; sleep 100000"])
         .current_dir(&work)
-        .env("XDG_RUNTIME_DIR", runtime)
+        .env("XDG_RUNTIME_DIR", &runtime)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -260,7 +257,63 @@ fn a_dying_virtiofsd_stops_the_vm() {
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("read stdout");
-    assert_eq!(line, "ready\n");
+    if line != "ready\n" {
+        let _ = child.kill();
+        let mut stderr = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr);
+        panic!("expected ready, got {line:?}; stderr: {stderr}");
+    }
+    (child, root, runtime)
+}
+
+/// Waits for `child` (up to a minute) and gives its status and stderr.
+fn wait_for_end(mut child: std::process::Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kiln did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    (status.code(), stderr)
+}
+
+/// SIGTERM to Kiln while the command runs: the VM and the daemons are stopped, 143.
+#[test]
+fn a_stop_signal_ends_the_vm_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let _one_vm_at_a_time = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (child, root, runtime) = start_sleeper("run-sigterm");
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let (code, stderr) = wait_for_end(child);
+    assert_eq!(code, Some(143), "{stderr}");
+    assert_nothing_left(&runtime);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// 6. The share's virtiofsd dies while the command runs: one line, the VM stopped.
+#[test]
+fn a_dying_virtiofsd_stops_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let _one_vm_at_a_time = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (child, root, runtime) = start_sleeper("run-dying-virtiofsd");
+    let runtime = &runtime;
     let marker = runtime.to_string_lossy().to_string();
     let daemons: Vec<String> = std::fs::read_dir("/proc")
         .expect("/proc")
@@ -280,21 +333,8 @@ fn a_dying_virtiofsd_stops_the_vm() {
         .status()
         .expect("kill");
     assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kiln went on without its virtiofsd"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
-    assert_eq!(status.code(), Some(125), "{stderr}");
+    let (code, stderr) = wait_for_end(child);
+    assert_eq!(code, Some(125), "{stderr}");
     assert!(stderr.starts_with("kiln: virtiofsd serving"), "{stderr}");
     assert_nothing_left(runtime);
     let _ = std::fs::remove_dir_all(&root);

@@ -347,7 +347,20 @@ struct VmProcess {
 }
 
 impl VmProcess {
+    /// Stops the VM: SIGTERM, which the VM's Kiln answers by ending cleanly (its metrics
+    /// written, its sockets removed), then SIGKILL if it has not ended within 2 s.
     fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped (try_wait saw it running).
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
