@@ -18,7 +18,7 @@
 
 mod event_handler;
 
-use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,7 +74,7 @@ pub enum FsError {
         socket: PathBuf,
         /// Why.
         #[source]
-        source: vhost::Error,
+        source: std::io::Error,
     },
     /// A vhost-user request failed.
     #[error("vhost-user {request}: {source}")]
@@ -183,7 +183,6 @@ impl Fs {
         let started = Instant::now();
         let queue_count = 1 + usize::from(config.num_request_queues);
         let frontend = connect(&config.socket, queue_count as u64, CONNECT_TIMEOUT)?;
-        set_timeout(&frontend, BACKEND_TIMEOUT).map_err(FsError::Io)?;
         frontend.set_owner().map_err(backend("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(backend("GET_FEATURES"))?;
         if backend_features & features::VERSION_1 == 0 {
@@ -361,54 +360,34 @@ impl Fs {
     }
 }
 
-/// Connects to `socket`, retrying while it does not exist or refuses, up to `timeout`.
+/// Connects to `socket`, retrying while it does not exist or refuses, up to `timeout`, and
+/// gives every later reply [`BACKEND_TIMEOUT`] to arrive, so a backend that never answers fails
+/// the request instead of wedging the event loop.
 fn connect(socket: &Path, queues: u64, timeout: Duration) -> Result<Frontend, FsError> {
     let deadline = Instant::now() + timeout;
-    loop {
-        match Frontend::connect(socket, queues) {
-            Ok(frontend) => return Ok(frontend),
-            Err(source) => {
-                let retry = matches!(
-                    &source,
-                    vhost::Error::VhostUserProtocol(
-                        vhost::vhost_user::Error::SocketConnect(e)
-                    ) if matches!(e.kind(), std::io::ErrorKind::NotFound
-                        | std::io::ErrorKind::ConnectionRefused)
-                );
-                if !retry || Instant::now() >= deadline {
-                    return Err(FsError::Connect {
-                        socket: socket.to_path_buf(),
-                        source,
-                    });
-                }
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => break stream,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            Err(source) => {
+                return Err(FsError::Connect {
+                    socket: socket.to_path_buf(),
+                    source,
+                })
+            }
         }
-    }
-}
-
-/// Sets the socket's receive timeout, so a backend that never answers fails the request.
-fn set_timeout(frontend: &Frontend, timeout: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: the fd is the frontend's open socket; the option value is a valid timeval of the
-    // size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            frontend.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    stream
+        .set_read_timeout(Some(BACKEND_TIMEOUT))
+        .map_err(FsError::Io)?;
+    Ok(Frontend::from_stream(stream, queues))
 }
 
 /// Guest memory as the backend maps it: each region's file, offset and address in this process.
