@@ -347,22 +347,10 @@ struct VmProcess {
 }
 
 impl VmProcess {
-    /// Stops the VM: SIGTERM, which the VM's Kiln answers by ending cleanly (its metrics
-    /// written, its sockets removed), then SIGKILL if it has not ended within 2 s.
+    /// Stops the VM: its Kiln ends cleanly on SIGTERM (its metrics written, its sockets
+    /// removed).
     fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child, not yet reaped (try_wait saw it running).
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 
     /// Its log and console's last lines, for an error message.
@@ -384,6 +372,24 @@ impl VmProcess {
         }
         text
     }
+}
+
+/// Stops a child of the supervisor (the VM's Kiln, a virtiofsd) and reaps it: SIGTERM, then
+/// SIGKILL if it has not ended within 2 s.
+fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on our own child, not yet reaped (try_wait saw it running).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Runs `args.command` in a VM and gives the exit status Kiln ends with.
@@ -438,11 +444,13 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
     .encode()?;
 
     // The daemons: the host's root first (read-only), then the shares.
-    let mut served: Vec<(String, PathBuf, bool)> = Vec::new();
+    // (tag, host directory, read-only, the host's whole root)
+    let mut served: Vec<(String, PathBuf, bool, bool)> = Vec::new();
     if args.host_root {
         served.push((
             protocol::HOST_ROOT_TAG.to_string(),
             PathBuf::from("/"),
+            true,
             true,
         ));
     }
@@ -451,16 +459,16 @@ fn run(args: RunArgs, started: Instant) -> Result<u8, RunError> {
             share.guest.tag.clone(),
             share.host_dir.clone(),
             share.guest.read_only,
+            false,
         ));
     }
     let mut daemons = Vec::new();
     let mut fs = Vec::new();
-    for (index, (tag, dir, read_only)) in served.iter().enumerate() {
+    for (index, (tag, dir, read_only, whole_root)) in served.iter().enumerate() {
         let socket = work.path(&format!("fs{index}.sock"));
         let log = work.path(&format!("virtiofsd{index}.log"));
-        let whole_root = tag == protocol::HOST_ROOT_TAG;
         let daemon =
-            virtiofsd::Daemon::spawn(&virtiofsd, &socket, dir, *read_only, whole_root, &log)
+            virtiofsd::Daemon::spawn(&virtiofsd, &socket, dir, *read_only, *whole_root, &log)
                 .map_err(host(format!("starting {}", virtiofsd.display())))?;
         daemons.push(daemon);
         fs.push(FsConfig {

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::guest_images::{run_build_script, GuestImagesError};
 
@@ -133,20 +132,6 @@ impl Daemon {
 
     /// Stops it: SIGTERM, then SIGKILL if it lingers.
     pub fn stop(mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own child, which has not been reaped (try_wait saw it running).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if self.exited().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::stop_child(&mut self.child);
     }
 }
